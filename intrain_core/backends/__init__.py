@@ -1,0 +1,16 @@
+"""Integer kernels. Every backend returns exact integer accumulators, so all agree bit for bit.
+
+A kernel takes integer mantissa tensors and the bound ``product_bound = qmax_a * qmax_b`` on
+one product, and returns the exact integer sums in ``acc_dtype`` (int32 or int64).
+"""
+from __future__ import annotations
+
+from . import native, reference
+
+BACKENDS = {"native": native, "reference": reference}
+
+
+def get_backend(name: str):
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; available: {sorted(BACKENDS)}")
+    return BACKENDS[name]

@@ -1,0 +1,1 @@
+"""Integer ops, one file per family; each mirrors the torch function of the same name."""

@@ -1,0 +1,34 @@
+"""Mapping a parameter for an integer op: from IntSGD's fixed-point master when it has one."""
+from __future__ import annotations
+
+import torch
+
+from ..fixed_point import FixedPoint, requantize
+
+MASTER_ATTR = "_intrain_master"
+
+
+def attach_master(param: torch.Tensor, master: FixedPoint) -> None:
+    """Record ``master`` as the exact value of ``param`` until ``param`` is next modified."""
+    setattr(param, MASTER_ATTR, (master, param._version))
+
+
+def master_of(param: torch.Tensor) -> FixedPoint | None:
+    found = getattr(param, MASTER_ATTR, None)
+    if found is None:
+        return None
+    master, version = found
+    return master if version == param._version else None
+
+
+def map_weight(ctx, weight: torch.Tensor, where: str) -> FixedPoint:
+    """The forward copy of a weight: narrowed from the integer master by shifts when IntSGD
+    keeps one (NUMERICS.md section 8), else mapped from the float tensor."""
+    bits = ctx.numerics.forward_bits
+    master = master_of(weight)
+    if master is None:
+        return ctx.map(weight, bits, where)
+    fp = requantize(master, bits, ctx.numerics.rounding, ctx.generator(weight.device))
+    if fp.clamped:
+        ctx.counters["clamps"] += fp.clamped
+    return fp
