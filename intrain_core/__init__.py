@@ -1,5 +1,19 @@
 """intrain_core: switch a PyTorch model's arithmetic from float to integers (NUMERICS.md)."""
+from .convert import context_of, convert, revert
+from .coverage import CoverageReport, coverage
 from .fixed_point import FixedPoint, NonFiniteError, from_fixed, to_fixed
 from .numerics import Numerics, available_presets
 
-__all__ = ["FixedPoint", "NonFiniteError", "Numerics", "available_presets", "from_fixed", "to_fixed"]
+__all__ = [
+    "CoverageReport",
+    "FixedPoint",
+    "NonFiniteError",
+    "Numerics",
+    "available_presets",
+    "context_of",
+    "convert",
+    "coverage",
+    "from_fixed",
+    "revert",
+    "to_fixed",
+]

@@ -22,7 +22,7 @@ class OpKey:
     phase: str  # "forward", "backward" or "optimizer"
     layer: str
     op: str
-    integer: bool
+    arithmetic: str  # "integer", "float", or "exact" (no arithmetic: ReLU, max pooling)
 
 
 class IntegerContext:
@@ -62,8 +62,10 @@ class IntegerContext:
     def where(self, op: str, role: str, layer: str | None = None) -> str:
         return f"{op} {role} of layer '{layer or self.layer}'"
 
-    def record(self, op: str, phase: str, integer: bool, macs: int = 0, layer: str | None = None) -> None:
-        entry = self.ops[OpKey(phase, layer or self.layer, op, integer)]
+    def record(self, op: str, phase: str, integer: bool | str, macs: int = 0, layer: str | None = None) -> None:
+        """Log one op; ``integer`` is True, False or "exact"."""
+        arithmetic = {True: "integer", False: "float"}.get(integer, integer)
+        entry = self.ops[OpKey(phase, layer or self.layer, op, arithmetic)]
         entry[0] += 1
         entry[1] += int(macs)
 

@@ -1,0 +1,144 @@
+"""Integer conv1d/conv2d and conv_transpose2d, lowered onto the backend's exact integer
+convolution kernels (NUMERICS.md section 3)."""
+from __future__ import annotations
+
+import torch
+
+from ..fixed_point import from_fixed
+from .linear import map_bias
+from .weights import map_weight
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _out_size(size, k, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+class IntegerConv2d(torch.autograd.Function):
+    """``transposed=False``: y = conv2d(x, w). ``transposed=True``: y = conv_transpose2d(x, w),
+    which is the input-gradient of a conv2d whose input is y; its backward swaps roles."""
+
+    @staticmethod
+    def forward(fctx, x, weight, bias, ctx, layer, geometry, transposed):
+        n = ctx.numerics
+        op = "conv_transpose2d" if transposed else "conv2d"
+        stride, padding, dilation, groups, output_shape = geometry
+        xq = ctx.map(x, n.forward_bits, ctx.where(op, "input", layer))
+        wq = map_weight(ctx, weight, ctx.where(op, "weight", layer))
+        taps = weight.shape[2] * weight.shape[3]
+        # Products summed per output element: in-channels per group x taps (for a transposed
+        # conv, the out-channels of the underlying conv).
+        reduction = (weight.shape[0] // groups if transposed else weight.shape[1]) * taps
+        acc_dtype, bound = ctx.accumulator(reduction, n.forward_bits, n.forward_bits)
+        be = ctx.backend
+        if transposed:
+            acc = be.conv2d_input(output_shape, wq.mantissa, xq.mantissa, stride, padding, dilation, groups, bound, acc_dtype)
+        else:
+            acc = be.conv2d(xq.mantissa, wq.mantissa, stride, padding, dilation, groups, bound, acc_dtype)
+        exponent = xq.exponent + wq.exponent
+        if bias is not None:
+            b = map_bias(ctx, bias, exponent, acc_dtype, reduction, bound, ctx.where(op, "bias", layer))
+            acc = acc + b.view(1, -1, 1, 1)
+        y = from_fixed(acc, exponent)
+        fctx.ctx, fctx.layer, fctx.op = ctx, layer, op
+        fctx.geometry, fctx.transposed, fctx.has_bias = geometry, transposed, bias is not None
+        fctx.x_shape, fctx.w_shape = x.shape, weight.shape
+        fctx.macs = y.numel() * reduction
+        if n.backward == "float":
+            fctx.save_for_backward(x, weight)
+        else:
+            fctx.save_for_backward(xq.mantissa, wq.mantissa)
+            fctx.exponents = (xq.exponent, wq.exponent)
+        ctx.record(op, "forward", True, fctx.macs, layer)
+        return y
+
+    @staticmethod
+    def backward(fctx, grad_y):
+        ctx, layer, op = fctx.ctx, fctx.layer, fctx.op
+        n = ctx.numerics
+        stride, padding, dilation, groups, _ = fctx.geometry
+        x, w = fctx.saved_tensors
+        if n.backward == "float":
+            ctx.record(op, "backward", False, 2 * fctx.macs, layer)
+            if fctx.transposed:
+                grad_x = torch.nn.functional.conv2d(grad_y, w, None, stride, padding, dilation, groups)
+                grad_w = torch.nn.grad.conv2d_weight(grad_y, w.shape, x, stride, padding, dilation, groups)
+            else:
+                grad_x = torch.nn.grad.conv2d_input(x.shape, w, grad_y, stride, padding, dilation, groups)
+                grad_w = torch.nn.grad.conv2d_weight(x, w.shape, grad_y, stride, padding, dilation, groups)
+            grad_b = grad_y.sum((0, 2, 3)) if fctx.has_bias else None
+            return grad_x, grad_w, grad_b, None, None, None, None
+        sx, sw = fctx.exponents
+        gq = ctx.map(grad_y, n.backward_bits, ctx.where(op, "grad_output", layer))
+        g = gq.mantissa
+        be = ctx.backend
+        taps = w.shape[2] * w.shape[3]
+        positions = g.shape[0] * g.shape[2] * g.shape[3]
+        bits = (n.backward_bits, n.forward_bits)
+        if fctx.transposed:
+            dtype, bound = ctx.accumulator(w.shape[1] * taps, *bits)
+            grad_x = be.conv2d(g, w, stride, padding, dilation, groups, bound, dtype)
+            dtype, bound = ctx.accumulator(x.shape[0] * x.shape[2] * x.shape[3], *bits)
+            grad_w = be.conv2d_weight(g, w.shape, x, stride, padding, dilation, groups, bound, dtype)
+        else:
+            dtype, bound = ctx.accumulator(w.shape[0] // groups * taps, *bits)
+            grad_x = be.conv2d_input(x.shape, w, g, stride, padding, dilation, groups, bound, dtype)
+            dtype, bound = ctx.accumulator(positions, *bits)
+            grad_w = be.conv2d_weight(x, w.shape, g, stride, padding, dilation, groups, bound, dtype)
+        grad_x = from_fixed(grad_x, gq.exponent + sw)
+        grad_w = from_fixed(grad_w, gq.exponent + sx)
+        grad_b = from_fixed(g.sum((0, 2, 3), dtype=torch.int64), gq.exponent) if fctx.has_bias else None
+        ctx.record(op, "backward", True, 2 * fctx.macs, layer)
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _resolve_padding(padding, weight, dilation):
+    """Numeric padding for 'valid' and symmetric 'same'; None when it needs asymmetric padding."""
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+        if any(t % 2 for t in total):
+            return None
+        return tuple(t // 2 for t in total)
+    return _pair(padding)
+
+
+def conv2d(ctx, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, layer=None):
+    """Integer ``F.conv2d``; returns None when the geometry is not supported (caller falls back)."""
+    stride, dilation = _pair(stride), _pair(dilation)
+    padding = _resolve_padding(padding, weight, dilation)
+    if padding is None or x.dim() != 4:
+        return None
+    geometry = (stride, padding, dilation, groups, None)
+    return IntegerConv2d.apply(x, weight, bias, ctx, layer or ctx.layer, geometry, False)
+
+
+def conv1d(ctx, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, layer=None):
+    """Integer ``F.conv1d`` as a conv2d over a height of one."""
+    unbatched = x.dim() == 2
+    if unbatched:
+        x = x.unsqueeze(0)
+    one = lambda v: (1, v[0] if isinstance(v, (tuple, list)) else v)  # noqa: E731
+    pad = padding if isinstance(padding, str) else one(padding)
+    y = conv2d(ctx, x.unsqueeze(2), weight.unsqueeze(2), bias, one(stride), pad, one(dilation), groups, layer)
+    if y is None:
+        return None
+    y = y.squeeze(2)
+    return y.squeeze(0) if unbatched else y
+
+
+def conv_transpose2d(ctx, x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, layer=None):
+    if x.dim() != 4:
+        return None
+    stride, padding, output_padding, dilation = map(_pair, (stride, padding, output_padding, dilation))
+    out_hw = [
+        (size - 1) * s - 2 * p + d * (k - 1) + op + 1
+        for size, s, p, d, k, op in zip(x.shape[2:], stride, padding, dilation, weight.shape[2:], output_padding)
+    ]
+    output_shape = (x.shape[0], weight.shape[1] * groups, *out_hw)
+    geometry = (stride, padding, dilation, groups, output_shape)
+    return IntegerConv2d.apply(x, weight, bias, ctx, layer or ctx.layer, geometry, True)
