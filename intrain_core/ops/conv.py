@@ -122,9 +122,13 @@ def conv1d(ctx, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
     unbatched = x.dim() == 2
     if unbatched:
         x = x.unsqueeze(0)
-    one = lambda v: (1, v[0] if isinstance(v, (tuple, list)) else v)  # noqa: E731
-    pad = padding if isinstance(padding, str) else one(padding)
-    y = conv2d(ctx, x.unsqueeze(2), weight.unsqueeze(2), bias, one(stride), pad, one(dilation), groups, layer)
+    def along_width(v, height):
+        return (height, v[0] if isinstance(v, (tuple, list)) else v)
+
+    pad = padding if isinstance(padding, str) else along_width(padding, 0)
+    y = conv2d(
+        ctx, x.unsqueeze(2), weight.unsqueeze(2), bias, along_width(stride, 1), pad, along_width(dilation, 1), groups, layer
+    )
     if y is None:
         return None
     y = y.squeeze(2)

@@ -1,0 +1,162 @@
+"""The mapping (NUMERICS.md sections 1-2) against independent element-wise references."""
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+from intrain_core import NonFiniteError, from_fixed, to_fixed
+from intrain_core.backends.reference import from_fixed_bitwise
+from intrain_core.fixed_point import qmax, requantize, shift_right
+
+
+def reference_nearest(values: list[float], bits: int) -> tuple[list[int], int]:
+    """Section 1 written element by element with math.frexp and exact fractions."""
+    nonzero = [abs(v) for v in values if v != 0]
+    if not nonzero:
+        return [0] * len(values), 0
+    e = max(math.frexp(v)[1] - 1 for v in nonzero)  # frexp: v = f * 2**k, f in [0.5, 1)
+    s = e - (bits - 2)
+    limit = qmax(bits)
+    mantissas = [max(-limit, min(limit, round(Fraction(v) / Fraction(2) ** s))) for v in values]  # round(): half-even
+    return mantissas, s
+
+
+def spanning_tensors():
+    gen = torch.Generator().manual_seed(1)
+    cases = []
+    for centre in (-140, -130, -126, -100, -20, 0, 20, 100, 120):
+        log2 = centre + 8 * torch.rand(257, generator=gen, dtype=torch.float64) - 4
+        signs = torch.where(torch.rand(257, generator=gen) < 0.5, -1.0, 1.0).double()
+        x = (signs * torch.pow(2.0, log2)).float()
+        x[::17] = 0.0
+        cases.append(x)
+    wide = torch.pow(2.0, torch.linspace(-140, 120, 300, dtype=torch.float64)).float()
+    cases += [
+        wide,  # 2**-140 .. 2**120 in one tensor: the small end maps to zero
+        torch.tensor([2.0**-149, 2.0**-148, 3 * 2.0**-149, -(2.0**-130)]),  # subnormals only
+        torch.tensor([0.3]),
+        torch.full((5,), -1.7),
+        torch.tensor([127.5 * 2.0**-6, 1.0, 0.5 + 2.0**-7, 1.5 * 2.0**-7]),  # ties
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("bits", [8, 4, 16])
+def test_nearest_mapping_is_bit_exact_against_frexp_reference(bits):
+    for x in spanning_tensors():
+        fp = to_fixed(x, bits=bits, rounding="nearest")
+        mantissas, exponent = reference_nearest(x.tolist(), bits)
+        assert fp.exponent == exponent
+        assert fp.mantissa.tolist() == mantissas
+
+
+def test_mantissa_dtype_and_range():
+    x = torch.randn(1000)
+    for bits, dtype in ((8, torch.int8), (12, torch.int16), (16, torch.int16)):
+        fp = to_fixed(x, bits=bits, rounding="nearest")
+        assert fp.mantissa.dtype == dtype
+        top = int(fp.mantissa.abs().max())
+        assert 2 ** (bits - 2) <= top <= qmax(bits)
+
+
+def test_all_zero_tensor_maps_to_zero_with_exponent_zero():
+    fp = to_fixed(torch.zeros(3, 4))
+    assert fp.exponent == 0 and not fp.mantissa.any()
+
+
+def test_clamps_are_counted():
+    # 127.75 * 2**-6 rounds to mantissa 128 at 8 bits: the only value that can clamp.
+    x = torch.tensor([127.75 * 2.0**-6, 0.5, -0.25])
+    fp = to_fixed(x, bits=8, rounding="nearest")
+    assert fp.mantissa.tolist()[0] == 127 and fp.clamped == 1
+    assert to_fixed(torch.tensor([1.0, 0.5]), rounding="nearest").clamped == 0
+
+
+def test_stochastic_rounding_is_unbiased():
+    # Each draw's error is within one step and has variance <= step**2 / 4, so the mean of
+    # n draws has standard deviation <= step / (2 sqrt(n)). Six of those bounds the
+    # deviation of every element (2e-9 per element to fail; 512 elements). The uniform draw
+    # has 24 bits, which adds a bias below 2**-24 of a step.
+    x = torch.randn(512, generator=torch.Generator().manual_seed(0)) * 3
+    gen = torch.Generator().manual_seed(123)
+    draws = 2000
+    total = torch.zeros(512, dtype=torch.float64)
+    for _ in range(draws):
+        fp = to_fixed(x, bits=8, generator=gen)
+        total += fp.mantissa.double()
+    step = 2.0 ** fp.exponent
+    mean = total / draws * step
+    bound = 6 * step / (2 * math.sqrt(draws)) + step * 2**-24
+    assert (mean - x.double()).abs().max() <= bound
+    # and it is not nearest rounding in disguise: single draws differ
+    a, b = to_fixed(x, generator=gen), to_fixed(x, generator=gen)
+    assert not torch.equal(a.mantissa, b.mantissa)
+
+
+def test_stochastic_rounding_reproducible_from_generator():
+    x = torch.randn(1000)
+    a = to_fixed(x, generator=torch.Generator().manual_seed(7))
+    b = to_fixed(x, generator=torch.Generator().manual_seed(7))
+    c = to_fixed(x, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a.mantissa, b.mantissa)
+    assert not torch.equal(a.mantissa, c.mantissa)
+
+
+def test_stochastic_error_below_one_step():
+    x = torch.randn(10000) * 1e-3
+    fp = to_fixed(x, generator=torch.Generator().manual_seed(0))
+    assert (from_fixed(fp.mantissa, fp.exponent) - x).abs().max() < 2.0**fp.exponent
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_input_raises_and_names_where(bad):
+    x = torch.tensor([1.0, bad])
+    with pytest.raises(NonFiniteError, match="layer 'encoder.fc'"):
+        to_fixed(x, where="linear input of layer 'encoder.fc'")
+
+
+def test_from_fixed_matches_bitwise_reference():
+    gen = torch.Generator().manual_seed(3)
+    accs = [
+        torch.randint(-(2**31), 2**31 - 1, (4000,), generator=gen, dtype=torch.int64),
+        torch.randint(-(2**62), 2**62, (4000,), generator=gen, dtype=torch.int64),
+        torch.randint(-(2**24), 2**24, (4000,), generator=gen, dtype=torch.int64),
+        # exact ties at 2**25 + odd multiples of 2: round half to even
+        (2**25 + 2 * torch.arange(-500, 500, dtype=torch.int64) + 1),
+        torch.tensor([0, 1, -1, 2**24, 2**24 + 1, 2**24 + 3, -(2**24 + 1), 2**53 + 1, 2**62], dtype=torch.int64),
+    ]
+    for acc in accs:
+        for exponent in (-40, -12, 0, 7):
+            fast = from_fixed(acc, exponent)
+            assert torch.equal(fast.view(torch.int32), from_fixed_bitwise(acc, exponent).view(torch.int32))
+        assert torch.equal(from_fixed(acc.to(torch.int32), -3), from_fixed_bitwise(acc.to(torch.int32), -3))
+
+
+def test_from_fixed_exact_below_2_pow_24():
+    acc = torch.arange(-(2**24) + 1, 2**24, 9973, dtype=torch.int32)
+    assert torch.equal(from_fixed(acc, 0).double(), acc.double())
+
+
+def test_shift_right_nearest_is_half_even():
+    m = torch.tensor([5, 6, 7, -5, -6, -7, 4, 12, 14], dtype=torch.int64)  # / 4
+    expected = [round(Fraction(int(v), 4)) for v in m]
+    assert shift_right(m, 2, "nearest", None).tolist() == expected
+
+
+def test_shift_right_stochastic_is_unbiased():
+    # The same six-sigma argument as for the mapping, in units of the 2**shift step.
+    m = torch.arange(-300, 300, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(0)
+    draws = 2000
+    total = sum(shift_right(m, 5, "stochastic", gen).double() for _ in range(draws))
+    assert ((total / draws) - m.double() / 32).abs().max() <= 6 / (2 * math.sqrt(draws))
+
+
+def test_requantize_narrows_to_bits():
+    wide = to_fixed(torch.randn(500), bits=32, rounding="nearest")
+    narrow = requantize(wide, 8, "nearest")
+    direct = to_fixed(wide.to_float(), bits=8, rounding="nearest")
+    assert narrow.exponent == direct.exponent
+    # Two roundings (32 then 8 bits) may differ from one only at exact ties.
+    assert (narrow.mantissa.long() - direct.mantissa.long()).abs().max() <= 1

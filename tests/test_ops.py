@@ -1,0 +1,217 @@
+"""Integer ops: native == reference bit for bit, close to float within bounds derived from the
+bit-width, unbiased gradients, exact long reductions (NUMERICS.md sections 3, 5, 6)."""
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from intrain_core import Numerics
+from intrain_core.context import IntegerContext
+from intrain_core.ops import add, conv, linear, matmul, pool
+
+
+def make_ctx(backend="native", bits=8, seed=0, rounding="stochastic"):
+    n = dataclasses.replace(
+        Numerics.preset("int8"), backend=backend, forward_bits=bits, backward_bits=bits, seed=seed, rounding=rounding
+    )
+    return IntegerContext(n)
+
+
+# Each case: (name, integer op taking ctx, float op, input shapes). Shapes exercise the native
+# kernel's chunking: reductions over 1040 products (2**24 // 127**2) and float64 fallbacks.
+CASES = [
+    ("linear", lambda c, x, w, b: linear.linear(c, x, w, b), F.linear, [(3, 5, 24), (16, 24), (16,)]),
+    ("linear_long_k", lambda c, x, w: linear.linear(c, x, w), F.linear, [(6, 2100), (5, 2100)]),
+    ("conv3x3", lambda c, x, w: conv.conv2d(c, x, w, None, 1, 1), lambda x, w: F.conv2d(x, w, None, 1, 1), [(2, 8, 9, 9), (6, 8, 3, 3)]),
+    ("conv_bias_stride", lambda c, x, w, b: conv.conv2d(c, x, w, b, 2, 1), lambda x, w, b: F.conv2d(x, w, b, 2, 1), [(2, 4, 11, 11), (6, 4, 3, 3), (6,)]),
+    ("conv_many_channels", lambda c, x, w: conv.conv2d(c, x, w, None, 1, 1), lambda x, w: F.conv2d(x, w, None, 1, 1), [(2, 130, 5, 5), (140, 130, 3, 3)]),
+    ("conv_many_positions", lambda c, x, w: conv.conv2d(c, x, w, None, 1, 1), lambda x, w: F.conv2d(x, w, None, 1, 1), [(3, 2, 36, 36), (3, 2, 3, 3)]),
+    ("conv_dilated_grouped", lambda c, x, w: conv.conv2d(c, x, w, None, 1, 2, 2, 2), lambda x, w: F.conv2d(x, w, None, 1, 2, 2, 2), [(2, 4, 9, 9), (6, 2, 3, 3)]),
+    ("conv_depthwise", lambda c, x, w: conv.conv2d(c, x, w, None, 1, 1, 1, 4), lambda x, w: F.conv2d(x, w, None, 1, 1, 1, 4), [(2, 4, 8, 8), (4, 1, 3, 3)]),
+    ("conv_same", lambda c, x, w: conv.conv2d(c, x, w, None, 1, "same"), lambda x, w: F.conv2d(x, w, None, 1, "same"), [(2, 3, 7, 7), (4, 3, 5, 5)]),
+    ("conv1d", lambda c, x, w: conv.conv1d(c, x, w, None, 2, 1), lambda x, w: F.conv1d(x, w, None, 2, 1), [(2, 5, 17), (3, 5, 4)]),
+    ("conv_transpose", lambda c, x, w, b: conv.conv_transpose2d(c, x, w, b, 2, 1, 1), lambda x, w, b: F.conv_transpose2d(x, w, b, 2, 1, 1), [(2, 6, 5, 5), (6, 3, 3, 3), (3,)]),
+    ("matmul_batched", lambda c, a, b: matmul.matmul(c, a, b), torch.matmul, [(2, 3, 7, 9), (2, 3, 9, 4)]),
+    ("matmul_broadcast", lambda c, a, b: matmul.matmul(c, a, b), torch.matmul, [(2, 3, 7, 9), (9, 4)]),
+]
+
+
+def random_inputs(shapes, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen) * (0.5 + i) for i, s in enumerate(shapes)]
+
+
+def run(op, ctx, inputs, grad):
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    y = op(ctx, *leaves)
+    y.backward(grad)
+    return y.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("name,int_op,float_op,shapes", CASES, ids=[c[0] for c in CASES])
+def test_native_and_reference_are_bit_identical(name, int_op, float_op, shapes, bits):
+    inputs = random_inputs(shapes, 0)
+    grad = torch.randn_like(float_op(*inputs))
+    y_native, g_native = run(int_op, make_ctx("native", bits), inputs, grad)
+    y_ref, g_ref = run(int_op, make_ctx("reference", bits), inputs, grad)
+    assert torch.equal(y_native, y_ref)
+    for a, b in zip(g_native, g_ref):
+        assert torch.equal(a, b)
+
+
+def step(t: torch.Tensor, bits: int) -> float:
+    """The mapping's step: the max lands in [2**(b-2), 2**(b-1)), so step <= max|t| / 2**(b-2)."""
+    amax = float(t.abs().max())
+    return 2.0 ** (math.frexp(amax)[1] - 1 - (bits - 2)) if amax else 0.0
+
+
+def bilinear_bound(op, a, b, bits_a, bits_b):
+    """Elementwise bound on |op(a', b') - op(a, b)| when every element of a' (b') is within one
+    step of a (b), stochastic or nearest, clamped or not:
+    |da| b + a |db| + |da||db| summed by op, i.e. sa op(1, |b|) + sb op(|a|, 1) + sa sb op(1, 1).
+    """
+    sa, sb = step(a, bits_a), step(b, bits_b)
+    ones_a, ones_b = torch.ones_like(a), torch.ones_like(b)
+    return sa * op(ones_a, b.abs()) + sb * op(a.abs(), ones_b) + sa * sb * op(ones_a, ones_b)
+
+
+def float32_slack(reference):
+    # from_fixed rounds to float32 once (half an ulp, 2**-24 relative); the float64
+    # reference is exact to far below that.
+    return reference.abs() * 2.0**-23 + 1e-30
+
+
+BILINEAR = {
+    "linear": (lambda a, b: a @ b.t(), 0),
+    "conv3x3": (lambda x, w: F.conv2d(x, w, None, 1, 1), 0),
+    "conv_transpose": (lambda x, w: F.conv_transpose2d(x, w, None, 2, 1, 1), 0),
+    "matmul_batched": (torch.matmul, 0),
+}
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("name", sorted(BILINEAR))
+def test_forward_and_backward_within_derived_bound_of_float(name, bits):
+    case = next(c for c in CASES if c[0] == name)
+    _, int_op, float_op, shapes = case
+    inputs = random_inputs(shapes, 1)
+    a, b = inputs[0], inputs[1]
+    op = BILINEAR[name][0]
+    y_float = float_op(*[t.double() for t in inputs])
+    grad = torch.randn_like(y_float.float())
+    y, grads = run(int_op, make_ctx(bits=bits), inputs, grad)
+    # A bias joins on the product's exponent: one more step of sa * sb.
+    bias_step = step(a, bits) * step(b, bits) if len(inputs) > 2 else 0.0
+    bound = bilinear_bound(lambda u, v: op(u.double(), v.double()), a, b, bits, bits) + bias_step
+    assert ((y.double() - y_float).abs() <= bound + float32_slack(y_float)).all()
+    # grad_a = op_a(g, b): bilinear in (g, b), with g and b each within one step.
+    a64 = a.double().requires_grad_()
+    b64 = b.double().requires_grad_()
+    float_op(a64, b64, *[t.double() for t in inputs[2:]]).backward(grad.double())
+    bound_a = _grad_bound(op, a, b, grad, bits, wrt=0)
+    bound_b = _grad_bound(op, a, b, grad, bits, wrt=1)
+    assert ((grads[0].double() - a64.grad).abs() <= bound_a + float32_slack(a64.grad)).all()
+    assert ((grads[1].double() - b64.grad).abs() <= bound_b + float32_slack(b64.grad)).all()
+
+
+def _grad_bound(op, a, b, grad, bits, wrt):
+    """Bound on the error of d<op>/d(a or b) . grad when grad and the other operand are both
+    mapped: the vector-Jacobian product is bilinear in (grad, other operand), so the same
+    |dg| |v| + |g| |dv| + |dg||dv| argument applies, evaluated with autograd on magnitudes."""
+    other = b if wrt == 0 else a
+    sg, sv = step(grad, bits), step(other, bits)
+
+    def vjp(g, v):
+        x = (a if wrt == 0 else v).double().requires_grad_(wrt == 0)
+        w = (v if wrt == 0 else b).double().requires_grad_(wrt == 1)
+        out = op(x, w)
+        (target,) = torch.autograd.grad(out, [x if wrt == 0 else w], g.double())
+        return target
+
+    ones_g, ones_v = torch.ones_like(grad), torch.ones_like(other)
+    return sg * vjp(ones_g, other.abs()) + sv * vjp(grad.abs(), ones_v) + sg * sv * vjp(ones_g, ones_v)
+
+
+@pytest.mark.parametrize("name", ["linear", "conv3x3", "matmul_batched"])
+def test_gradients_are_unbiased(name):
+    # Each draw's error is bounded by the derived bound B (elementwise) and has mean zero
+    # (independent unbiased roundings of grad and operand), so the mean of n draws deviates
+    # by at most 6 B / sqrt(n) except with probability ~2e-9 per element.
+    _, int_op, float_op, shapes = next(c for c in CASES if c[0] == name)
+    inputs = random_inputs(shapes, 2)
+    grad = torch.randn_like(float_op(*inputs))
+    ctx = make_ctx(seed=5)
+    draws = 300
+    sums = [torch.zeros_like(t, dtype=torch.float64) for t in inputs]
+    for _ in range(draws):
+        _, grads = run(int_op, ctx, inputs, grad)
+        for s, g in zip(sums, grads):
+            s += g.double()
+    leaves = [t.double().requires_grad_() for t in inputs]
+    float_op(*leaves).backward(grad.double())
+    op = BILINEAR[name][0]
+    for wrt, (s, leaf) in enumerate(zip(sums[:2], leaves[:2])):
+        bound = _grad_bound(op, inputs[0], inputs[1], grad, 8, wrt)
+        assert ((s / draws - leaf.grad).abs() <= 6 * bound / math.sqrt(draws) + float32_slack(leaf.grad)).all()
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_reduction_past_int32_range_stays_exact(backend):
+    # 127 * 127 * K exceeds 2**31 - 1 from K = 133,145 on; the brief's 133,152 is past it.
+    k = 133_152
+    ctx = make_ctx(backend, rounding="nearest")
+    x = torch.full((1, k), 127 / 64)  # maps to mantissa 127 exactly (exponent -6)
+    w = torch.full((1, k), -127 / 64)
+    y = linear.linear(ctx, x, w)
+    exact = -(127 * 127 * k) * 2.0**-12
+    assert 127 * 127 * k > 2**31 - 1
+    assert float(y) == float(torch.tensor(exact, dtype=torch.float64).float())
+    assert ctx.counters["widenings"] >= 1
+
+
+def test_int32_accumulator_refuses_to_overflow():
+    n = dataclasses.replace(Numerics.preset("int8"), accumulator="int32")
+    ctx = IntegerContext(n)
+    with pytest.raises(OverflowError, match="int64"):
+        linear.linear(ctx, torch.ones(1, 140_000), torch.ones(1, 140_000))
+
+
+def test_add_aligns_exponents_and_has_identity_backward():
+    ctx = make_ctx(rounding="nearest")
+    a = torch.tensor([1.0, -0.5, 0.25]).requires_grad_()
+    b = torch.tensor([2.0**-9, 2.0**-3, 3.0]).requires_grad_()
+    y = add.add(ctx, a, b)
+    # exponents: a -> -6, b -> 1 - 6 = -5; a is shifted to -5 (exact here: multiples of 2**-5).
+    assert y.tolist() == [1.0, -0.5 + 2.0**-3, 3.25]
+    y.backward(torch.tensor([1.0, 2.0, 3.0]))
+    assert a.grad.tolist() == [1.0, 2.0, 3.0] and b.grad.tolist() == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_average_pooling_within_one_step(rounding):
+    # The window mean of values each within one step is within one step; the reciprocal's
+    # relative error (2**-25) and float32 output rounding add below 2**-22 relative.
+    ctx = make_ctx(rounding=rounding)
+    x = torch.randn(2, 3, 8, 8)
+    for int_op, float_op in [
+        (lambda t: pool.avg_pool2d(ctx, t, 3, 2, 1), lambda t: F.avg_pool2d(t, 3, 2, 1)),
+        (lambda t: pool.adaptive_avg_pool2d(ctx, t, 1), lambda t: F.adaptive_avg_pool2d(t, 1)),
+        (lambda t: pool.mean(ctx, t, (2, 3)), lambda t: t.mean((2, 3))),
+    ]:
+        y, ref = int_op(x), float_op(x.double())
+        assert ((y.double() - ref).abs() <= step(x, 8) + ref.abs() * 2.0**-22).all()
+
+
+def test_pooling_backends_bit_identical():
+    x = torch.randn(2, 3, 8, 8)
+    grad = torch.randn(2, 3, 4, 4)
+    outs = []
+    for backend in ("native", "reference"):
+        ctx = make_ctx(backend)
+        leaf = x.clone().requires_grad_()
+        pool.avg_pool2d(ctx, leaf, 2).backward(grad)
+        outs.append(leaf.grad)
+    assert torch.equal(*outs)
