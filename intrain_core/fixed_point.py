@@ -5,6 +5,7 @@ A float tensor becomes integer mantissas that share one power-of-two exponent:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -81,19 +82,36 @@ def max_exponent(x: torch.Tensor, where: str = "tensor") -> tuple[int, float] | 
     return int(torch.frexp(amax).exponent) - 1, float(amax)
 
 
+def uniform_24bit(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    """Uniform integers in [0, 2**24) as int32: the u of stochastic rounding, scaled by 2**24.
+
+    Each 64-bit draw of the generator gives two of them (bits 0-23 and 32-55), which halves
+    the sequential generator work that dominates stochastic rounding on a CPU.
+    """
+    count = math.prod(shape)
+    words = torch.empty((count + 1) // 2, dtype=torch.int64, device=device).random_(generator=generator)
+    halves = words.view(torch.int32)[:count]
+    return halves.bitwise_and_(0xFFFFFF).view(shape)
+
+
 def round_mantissas(
     v: torch.Tensor, rounding: str, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """Round float values to integers (still float): unbiased stochastic, or half-to-even."""
+    """Round float values to integers (still float): unbiased stochastic, or half-to-even.
+
+    ``v`` is overwritten.
+    """
     if rounding == "nearest":
         return torch.round(v)
     if rounding != "stochastic":
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-    # floor(v) + [u < frac(v)]: frac is exact in float32, so the bias is below 2**-24 of a
-    # step (u has 24 random bits), where floor(v + u) would add a rounding of the sum.
-    u = torch.rand(v.shape, generator=generator, device=v.device, dtype=v.dtype)
+    # floor(v) + [u < frac(v)]: frac is exact in float32 and so is frac * 2**24, so with
+    # u = r / 2**24 the probability of rounding up is ceil(frac * 2**24) / 2**24: a bias
+    # below 2**-24 of a step, where floor(v + u) would add a rounding of the sum.
+    r = uniform_24bit(v.shape, generator, v.device)
     floor = torch.floor(v)
-    return floor.add_((u < v - floor).to(v.dtype))
+    frac_scaled = v.sub_(floor).mul_(2.0**24)
+    return floor.add_(torch.lt(r, frac_scaled))
 
 
 def to_fixed(

@@ -1,0 +1,125 @@
+"""convert + coverage on zoo models, built through the zoos' own doors (no pretrained weights)."""
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import intrain_core
+from intrain_core import Numerics, NonFiniteError, context_of, convert, coverage, revert
+from intrain_core.optim import IntSGD
+
+# (builder, input shape): small spatial sizes keep CPU time low; ViTs keep their 224 geometry.
+MODELS = {
+    "resnet18": (lambda: torchvision.models.get_model("resnet18", weights=None, num_classes=10), (2, 3, 64, 64)),
+    "resnet50": (lambda: torchvision.models.get_model("resnet50", weights=None, num_classes=10), (2, 3, 64, 64)),
+    "mobilenet_v2": (lambda: torchvision.models.get_model("mobilenet_v2", weights=None, num_classes=10), (2, 3, 64, 64)),
+    "vit_tiny_patch16_224": (lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10), (2, 3, 224, 224)),
+    "deit_small_patch16_224": (lambda: timm.create_model("deit_small_patch16_224", pretrained=False, num_classes=10), (2, 3, 224, 224)),
+}
+
+# Ops that the integer core leaves in float by design (NUMERICS.md section 7): non-linear
+# functions and the loss. Anything else in float is a coverage gap and fails the test.
+EXPECTED_FLOAT = {"softmax", "gelu", "silu", "sigmoid", "tanh", "cross_entropy", "log_softmax", "mul", "sum", "hardswish"}
+
+
+def make(name, seed=0):
+    torch.manual_seed(seed)
+    build, shape = MODELS[name]
+    return build(), torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def labels(batch):
+    return torch.arange(batch) % 10
+
+
+def test_coverage_share_and_float_ops_named(model_name):
+    model, x = make(model_name)
+    convert(model, "int8")
+    report = coverage(model, x, loss_fn=lambda out: F.cross_entropy(out, labels(len(x))))
+    assert report.integer_mac_share >= 0.99, report.table()
+    assert set(report.float_op_names()) <= EXPECTED_FLOAT, report.table()
+    phases = {e.phase for e in report.entries if e.arithmetic == "integer"}
+    assert {"forward", "backward"} <= phases
+    table = report.table()
+    assert "integer MAC share" in table and "float ops" in table
+
+
+def test_converted_model_loss_goes_down(model_name):
+    model, x = make(model_name, seed=1)
+    convert(model, "int8")
+    y = labels(len(x))
+    opt = IntSGD(model.parameters(), lr=0.05 if "patch" in model_name else 0.1, momentum=0.9, numerics=Numerics.preset("int8"))
+    losses = []
+    for _ in range(6):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert min(losses[-2:]) < losses[0], losses
+
+
+def pytest_generate_tests(metafunc):
+    if "model_name" in metafunc.fixturenames:
+        metafunc.parametrize("model_name", sorted(MODELS))
+
+
+def test_float_preset_leaves_model_untouched():
+    model, x = make("resnet18")
+    before = model(x)
+    assert convert(model, "fp32") is model and context_of(model) is None
+    assert torch.equal(model(x), before)
+    report = coverage(model, x)
+    assert report.integer_mac_share == 0.0 and "conv2d (forward) @ conv1" in report.float_ops()
+
+
+def test_revert_restores_float_and_convert_twice_is_refused():
+    model, x = make("resnet18")
+    model.eval()
+    reference = model(x)
+    convert(model, "int8")
+    assert not torch.equal(model(x), reference)
+    try:
+        convert(model, "int8")
+        raise AssertionError("converting twice must fail")
+    except ValueError as err:
+        assert "already converted" in str(err)
+    revert(model)
+    assert torch.equal(model(x), reference)
+
+
+def test_non_finite_activation_names_the_layer():
+    model, x = make("resnet18")
+    convert(model, "int8")
+    with torch.no_grad():
+        model.layer2[0].conv1.weight[0, 0, 0, 0] = float("nan")
+    try:
+        model(x)
+        raise AssertionError("a NaN weight must not be mapped silently")
+    except NonFiniteError as err:
+        assert "layer2.0.conv1" in str(err)
+    assert context_of(model).counters["nonfinite"] == 1
+
+
+def test_float_families_are_reported_when_left_out():
+    model, x = make("resnet18")
+    numerics = Numerics.from_dict({**Numerics.preset("int8").to_dict(), "integer_ops": ["linear", "conv"]})
+    convert(model, numerics)
+    report = coverage(model, x)
+    assert "batch_norm" in report.float_op_names() and "add" in report.float_op_names()
+    assert report.integer_mac_share > 0.9
+
+
+def test_attention_without_sdpa_is_integer():
+    # timm's non-fused attention path: q @ k.transpose(-2, -1), softmax, attn @ v.
+    model, x = make("vit_tiny_patch16_224")
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    convert(model, "int8")
+    ops = {(e.op, e.arithmetic) for e in coverage(model, x).entries}
+    assert ("matmul", "integer") in ops and ("softmax", "float") in ops
+
+
+def test_public_api_names():
+    for name in ("to_fixed", "from_fixed", "Numerics", "convert", "coverage", "IntSGD", "CoverageReport"):
+        assert hasattr(intrain_core, name), name
