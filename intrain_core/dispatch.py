@@ -81,15 +81,21 @@ def _rmatmul(ctx, input, other):
 def _add(ctx, input, other, *args, alpha=1, out=None):
     if args or out is not None or alpha != 1 or not ctx.numerics.runs_integer("add"):
         return FALLBACK
-    if not _is_float32(input, other) or input.shape != other.shape:
+    if not _is_float32(input, other):
         return FALLBACK
+    try:
+        torch.broadcast_shapes(input.shape, other.shape)
+    except RuntimeError:
+        return FALLBACK  # let torch raise its own error
     return add_ops.add(ctx, input, other)
 
 
 def _add_inplace(ctx, input, other, *args, **kwargs):
     """``a += b`` and ``a.add_(b)``: the integer sum written back into ``a``, as in place."""
     result = _add(ctx, input, other, *args, **kwargs)
-    return result if result is FALLBACK else input.copy_(result)
+    if result is FALLBACK or result.shape != input.shape:
+        return FALLBACK
+    return input.copy_(result)
 
 
 def _scaled_dot_product_attention(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):

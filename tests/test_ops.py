@@ -215,3 +215,16 @@ def test_pooling_backends_bit_identical():
         pool.avg_pool2d(ctx, leaf, 2).backward(grad)
         outs.append(leaf.grad)
     assert torch.equal(*outs)
+
+
+def test_broadcast_add_gradient_is_an_integer_sum_within_bound():
+    # The broadcast operand's gradient sums `rows` mapped gradients, each within one step.
+    ctx = make_ctx()
+    a = torch.randn(6, 4, 3, requires_grad=True)
+    b = torch.randn(1, 4, 3, requires_grad=True)
+    grad = torch.randn(6, 4, 3)
+    add.add(ctx, a, b).backward(grad)
+    assert torch.equal(a.grad, grad)
+    assert ((b.grad - grad.sum(0, keepdim=True)).abs() <= 6 * step(grad, 8)).all()
+    assert ctx.ops  # the backward sum was logged as integer
+    assert any(k.phase == "backward" and k.arithmetic == "integer" for k in ctx.ops)
