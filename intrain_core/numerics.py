@@ -56,8 +56,8 @@ class Numerics:
         for key in ("forward_bits", "backward_bits"):
             if not 2 <= getattr(self, key) <= 16:
                 raise ValueError(f"numerics.{key} must be between 2 and 16, got {getattr(self, key)}")
-        if not 16 <= self.master_bits <= 62:
-            raise ValueError(f"numerics.master_bits must be between 16 and 62, got {self.master_bits}")
+        if not 16 <= self.master_bits <= 40:
+            raise ValueError(f"numerics.master_bits must be between 16 and 40, got {self.master_bits}")
 
     def runs_integer(self, family: str) -> bool:
         return self.integer and family in self.integer_ops

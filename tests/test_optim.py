@@ -1,0 +1,161 @@
+"""IntSGD against torch.optim.SGD fed the same gradients (NUMERICS.md section 8)."""
+import dataclasses
+
+import pytest
+import torch
+
+from intrain_core import Numerics, NonFiniteError, from_fixed
+from intrain_core.ops.weights import master_of
+from intrain_core.optim import IntSGD, build_optimizer, coefficient_bits
+
+STEPS = 100
+SHAPES = [(7, 5), (5,), (3, 4, 2)]
+
+
+def gradients(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=gen) * 0.1 for s in SHAPES] for _ in range(STEPS)]
+
+
+def params(dtype):
+    gen = torch.Generator().manual_seed(1)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in SHAPES]
+
+
+def master_values(p):
+    m = master_of(p)
+    return m.mantissa.double() * 2.0**m.exponent
+
+
+def run_pair(options, master_bits=32, groups=False, scheduler=None, steps=STEPS):
+    """Run IntSGD and a float64 torch SGD on the same gradients; return the largest error of
+    each parameter and its derived bound."""
+    numerics = dataclasses.replace(Numerics.preset("int8"), master_bits=master_bits)
+    ours, ref = params(torch.float32), params(torch.float64)
+
+    def param_groups(ps):
+        return [{"params": ps[:1]}, {"params": ps[1:], "lr": options["lr"] / 4}] if groups else ps
+
+    opt = IntSGD(param_groups(ours), numerics=numerics, **options)
+    ref_opt = torch.optim.SGD(param_groups(ref), **options)
+    scheds = [scheduler(o) for o in (opt, ref_opt)] if scheduler else []
+    mu = options.get("momentum", 0.0)
+    # Worst case per step, in units u(x) = max|x| * 2**-(bits - 2) of the master (its largest
+    # magnitude lands in [2**(bits-2), 2**(bits-1))): the weight's alignment and
+    # re-normalisation, one unit each; the gradient mapping, the weight-decay sum, the momentum
+    # sum and the nesterov sum, one unit each of a quantity of size at most
+    # max(|g| + wd|w|) / (1 - mu), entering the weight times the learning rate.
+    # The coefficients carry a relative error of 2**-cbits each; lr, momentum and weight decay
+    # (or 1 - dampening) enter the update once each. The errors add up at worst linearly.
+    unit = 2.0 ** -(master_bits - 2)
+    coefficient_error = 3 * 2.0 ** -coefficient_bits(master_bits)
+    bounds = [0.0] * len(SHAPES)
+    for step_grads in gradients()[:steps]:
+        for p, q, g in zip(ours, ref, step_grads):
+            p.grad, q.grad = g.clone(), g.double()
+        opt.step()
+        ref_opt.step()
+        for s in scheds:
+            s.step()
+        for i, (q, g) in enumerate(zip(ref, step_grads)):
+            lr = max(group["lr"] for group in ref_opt.param_groups)
+            d_size = (g.abs().max().item() + options.get("weight_decay", 0.0) * q.abs().max().item()) / (1 - mu)
+            bounds[i] += unit * (2 * q.abs().max().item() + 4 * lr * d_size) + coefficient_error * lr * d_size
+    errors = [(master_values(p) - q.detach()).abs().max().item() for p, q in zip(ours, ref)]
+    return errors, bounds, ours, opt
+
+
+CASES = {
+    "plain": dict(lr=0.1),
+    "momentum": dict(lr=0.1, momentum=0.9),
+    "nesterov": dict(lr=0.05, momentum=0.9, nesterov=True),
+    "dampening": dict(lr=0.1, momentum=0.8, dampening=0.3),
+    "weight_decay": dict(lr=0.1, momentum=0.9, weight_decay=5e-2),
+    "maximize": dict(lr=0.1, momentum=0.5, maximize=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_tracks_float_sgd_within_derived_bound(name):
+    errors, bounds, ours, _ = run_pair(CASES[name])
+    for error, bound in zip(errors, bounds):
+        assert error <= bound, (errors, bounds)
+    # param.data is the float32 nearest to the master
+    for p in ours:
+        assert torch.equal(p.data, from_fixed(master_of(p).mantissa, master_of(p).exponent))
+
+
+def test_param_groups_and_scheduler():
+    errors, bounds, _, opt = run_pair(
+        dict(lr=0.2, momentum=0.9, weight_decay=1e-2), groups=True,
+        scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=2 * STEPS),
+    )
+    assert all(e <= b for e, b in zip(errors, bounds)), (errors, bounds)
+    assert opt.param_groups[1]["lr"] < opt.param_groups[0]["lr"] < 0.2
+
+
+def test_sixteen_bit_masters_are_measurably_worse():
+    errors32, _, _, _ = run_pair(CASES["momentum"])
+    errors16, bounds16, _, _ = run_pair(CASES["momentum"], master_bits=16)
+    assert all(e16 <= b for e16, b in zip(errors16, bounds16))
+    assert max(errors16) > 100 * max(errors32)
+
+
+def test_state_dict_round_trip_continues_bit_identically():
+    options = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    grads = gradients(3)
+
+    def run(ps, opt, steps):
+        for step_grads in steps:
+            for p, g in zip(ps, step_grads):
+                p.grad = g.clone()
+            opt.step()
+
+    straight = params(torch.float32)
+    opt = IntSGD(straight, **options)
+    run(straight, opt, grads[:20])
+
+    first = params(torch.float32)
+    opt1 = IntSGD(first, **options)
+    run(first, opt1, grads[:10])
+    saved_params = [p.detach().clone() for p in first]
+    saved_state = opt1.state_dict()
+
+    resumed = params(torch.float32)
+    with torch.no_grad():
+        for p, saved in zip(resumed, saved_params):
+            p.copy_(saved)
+    opt2 = IntSGD(resumed, **options)
+    opt2.load_state_dict(saved_state)
+    assert all(master_of(p) is not None for p in resumed)  # layers use the masters again
+    run(resumed, opt2, grads[10:20])
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b)
+
+
+def test_outside_change_reinitialises_the_master():
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = IntSGD([p], lr=0.5)
+    p.grad = torch.ones(4)
+    opt.step()
+    with torch.no_grad():
+        p.fill_(3.0)  # e.g. model.load_state_dict
+    assert master_of(p) is None  # the stale master is not used by layers
+    p.grad = torch.ones(4)
+    opt.step()
+    assert torch.equal(p.data, torch.full((4,), 2.5))
+
+
+def test_non_finite_gradient_is_named():
+    p = torch.nn.Parameter(torch.ones(2, 3))
+    opt = IntSGD([p], lr=0.1)
+    p.grad = torch.tensor([[1.0, float("nan"), 0.0]] * 2)
+    with pytest.raises(NonFiniteError, match=r"parameter 0 \(shape \(2, 3\)\)"):
+        opt.step()
+
+
+def test_build_optimizer_follows_the_preset():
+    p = [torch.nn.Parameter(torch.ones(2))]
+    assert type(build_optimizer(p, Numerics.preset("fp32"), lr=0.1)) is torch.optim.SGD
+    assert type(build_optimizer(p, Numerics.preset("int8_fwd"), lr=0.1)) is torch.optim.SGD
+    assert isinstance(build_optimizer(p, Numerics.preset("int8"), lr=0.1, momentum=0.9), IntSGD)
