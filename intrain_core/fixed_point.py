@@ -221,3 +221,38 @@ def to_fixed_at(
         m.clamp_(-limit, limit)
     dtype = torch.int32 if limit < 2**31 else torch.int64
     return FixedPoint(m.to(dtype), exponent, limit.bit_length() + 1, clamped)
+
+
+def fixed_constant(value: float, bits: int) -> tuple[int, int]:
+    """(mantissa, exponent) of a Python float with ``bits`` significant bits."""
+    if value == 0:
+        return 0, 0
+    e = math.frexp(abs(value))[1] - 1
+    exponent = e - (bits - 1)
+    return round(value * 2.0**-exponent), exponent
+
+
+class WideFixed:
+    """An int64 mantissa tensor and its exponent, with the few operations SGD and the
+    running statistics of batch norm need."""
+
+    __slots__ = ("m", "e")
+
+    def __init__(self, m: torch.Tensor, e: int):
+        self.m, self.e = m, e
+
+    def times(self, constant: tuple[int, int]) -> "WideFixed":
+        return WideFixed(self.m * constant[0], self.e + constant[1])
+
+    def plus(self, other: "WideFixed", rounding, generator) -> "WideFixed":
+        """Align the finer operand onto the coarser exponent (a rounded right shift), add."""
+        if not bool(other.m.any()):
+            return self
+        if not bool(self.m.any()):
+            return other
+        coarse, fine = (self, other) if self.e >= other.e else (other, self)
+        return WideFixed(coarse.m + shift_right(fine.m, coarse.e - fine.e, rounding, generator), coarse.e)
+
+    def normalised(self, bits: int, rounding, generator) -> "WideFixed":
+        fp = requantize(FixedPoint(self.m, self.e, 64), bits, rounding, generator)
+        return WideFixed(fp.mantissa.to(torch.int64), fp.exponent)

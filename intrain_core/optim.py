@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .fixed_point import FixedPoint, NonFiniteError, from_fixed, requantize, shift_right, to_fixed
+from .fixed_point import FixedPoint, WideFixed, fixed_constant, from_fixed, to_fixed
 from .numerics import Numerics
 from .ops.weights import attach_master
 
@@ -26,40 +26,6 @@ def coefficient_bits(master_bits: int) -> int:
 
 # The optimiser's random stream is offset from the model's, which starts at the same seed.
 GENERATOR_SEED_OFFSET = 0x5DEECE66D
-
-
-def fixed_constant(value: float, bits: int) -> tuple[int, int]:
-    """(mantissa, exponent) of a Python float with ``bits`` significant bits."""
-    if value == 0:
-        return 0, 0
-    e = math.frexp(abs(value))[1] - 1
-    exponent = e - (bits - 1)
-    return round(value * 2.0**-exponent), exponent
-
-
-class _Fixed:
-    """An int64 mantissa tensor and its exponent, with the few operations SGD needs."""
-
-    __slots__ = ("m", "e")
-
-    def __init__(self, m: torch.Tensor, e: int):
-        self.m, self.e = m, e
-
-    def times(self, constant: tuple[int, int]) -> "_Fixed":
-        return _Fixed(self.m * constant[0], self.e + constant[1])
-
-    def plus(self, other: "_Fixed", rounding, generator) -> "_Fixed":
-        """Align the finer operand onto the coarser exponent (a rounded right shift), add."""
-        if not bool(other.m.any()):
-            return self
-        if not bool(self.m.any()):
-            return other
-        coarse, fine = (self, other) if self.e >= other.e else (other, self)
-        return _Fixed(coarse.m + shift_right(fine.m, coarse.e - fine.e, rounding, generator), coarse.e)
-
-    def normalised(self, bits: int, rounding, generator) -> "_Fixed":
-        fp = requantize(FixedPoint(self.m, self.e, 64), bits, rounding, generator)
-        return _Fixed(fp.mantissa.to(torch.int64), fp.exponent)
 
 
 class IntSGD(torch.optim.Optimizer):
@@ -85,15 +51,15 @@ class IntSGD(torch.optim.Optimizer):
             self._generators[key] = torch.Generator(device=device).manual_seed(self.numerics.seed + GENERATOR_SEED_OFFSET)
         return self._generators[key]
 
-    def _master(self, p: torch.Tensor, state: dict) -> _Fixed:
+    def _master(self, p: torch.Tensor, state: dict) -> WideFixed:
         """The fixed-point master, re-read from ``p`` if something else changed ``p``."""
         if "master" in state:
-            master = _Fixed(state["master"], state["master_exponent"])
+            master = WideFixed(state["master"], state["master_exponent"])
             if torch.equal(from_fixed(master.m, master.e), p.detach()):
                 return master
         # float32 has 24 significant bits, so a >= 24-bit master holds p exactly.
         fp = to_fixed(p.detach(), self.numerics.master_bits, "nearest", where="IntSGD master weight")
-        return _Fixed(fp.mantissa.to(torch.int64), fp.exponent)
+        return WideFixed(fp.mantissa.to(torch.int64), fp.exponent)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -115,16 +81,16 @@ class IntSGD(torch.optim.Optimizer):
                 where = f"IntSGD gradient of parameter {index} (shape {tuple(p.shape)}) in group {group_index}"
                 grad = -p.grad if group["maximize"] else p.grad
                 g = to_fixed(grad, bits, rounding, gen, where)
-                d = _Fixed(g.mantissa.to(torch.int64), g.exponent)
+                d = WideFixed(g.mantissa.to(torch.int64), g.exponent)
                 state = self.state[p]
                 w = self._master(p, state)
                 if wd[0]:
                     d = d.plus(w.times(wd), rounding, gen).normalised(bits, rounding, gen)
                 if mu[0]:
                     if "momentum" not in state:
-                        buf = _Fixed(d.m.clone(), d.e)
+                        buf = WideFixed(d.m.clone(), d.e)
                     else:
-                        buf = _Fixed(state["momentum"], state["momentum_exponent"]).times(mu)
+                        buf = WideFixed(state["momentum"], state["momentum_exponent"]).times(mu)
                         buf = buf.plus(d.times(keep), rounding, gen).normalised(bits, rounding, gen)
                     state["momentum"], state["momentum_exponent"] = buf.m, buf.e
                     d = d.plus(buf.times(mu), rounding, gen).normalised(bits, rounding, gen) if group["nesterov"] else buf
@@ -160,7 +126,7 @@ class IntSGD(torch.optim.Optimizer):
             for p in group["params"]:
                 state = self.state.get(p, {})
                 if "master" in state:
-                    master = _Fixed(state["master"], state["master_exponent"])
+                    master = WideFixed(state["master"], state["master_exponent"])
                     if torch.equal(from_fixed(master.m, master.e), p.detach()):
                         attach_master(p, FixedPoint(master.m, master.e, self.numerics.master_bits))
 
