@@ -3,13 +3,16 @@ from .convert import context_of, convert, revert
 from .coverage import CoverageReport, coverage
 from .fixed_point import FixedPoint, NonFiniteError, from_fixed, to_fixed
 from .numerics import Numerics, available_presets
+from .optim import IntSGD, build_optimizer
 
 __all__ = [
     "CoverageReport",
     "FixedPoint",
+    "IntSGD",
     "NonFiniteError",
     "Numerics",
     "available_presets",
+    "build_optimizer",
     "context_of",
     "convert",
     "coverage",

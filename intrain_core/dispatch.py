@@ -203,6 +203,18 @@ def _float_macs(name: str, args, result) -> int:
     return 0
 
 
+def _canonical_name(name: str) -> str:
+    """``__iadd__``, ``__radd__``, ``add_`` and ``add`` are one op in the report."""
+    if name.startswith("__") and name.endswith("__"):
+        bare = name[2:-2]
+        if bare[:1] in ("i", "r") and bare[1:] in ("add", "sub", "mul", "truediv", "matmul"):
+            return bare[1:]
+        return bare if bare in ("add", "sub", "mul", "truediv", "matmul") else name
+    if name.endswith("_") and not name.startswith("_"):
+        return name[:-1]
+    return name
+
+
 class IntegerMode(TorchFunctionMode):
     """Runs the model's arithmetic through the integer ops of ``ctx``; logs the rest."""
 
@@ -222,7 +234,7 @@ class IntegerMode(TorchFunctionMode):
         return result
 
     def _log(self, func, args, result) -> None:
-        name = getattr(func, "__name__", None) or str(func)
+        name = _canonical_name(getattr(func, "__name__", None) or str(func))
         if name in DATA_MOVEMENT or not isinstance(result, torch.Tensor) or not result.is_floating_point():
             return
         if name in EXACT:
