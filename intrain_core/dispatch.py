@@ -17,6 +17,7 @@ from .ops import add as add_ops
 from .ops import conv as conv_ops
 from .ops import linear as linear_ops
 from .ops import matmul as matmul_ops
+from .ops import norm as norm_ops
 from .ops import pool as pool_ops
 
 FALLBACK = object()
@@ -126,8 +127,6 @@ def _norm(name):
     def handler(ctx, *args, **kwargs):
         if not ctx.numerics.runs_integer("norm") or not _is_float32(args[0]):
             return FALLBACK
-        from .ops import norm as norm_ops
-
         y = getattr(norm_ops, name)(ctx, *args, **kwargs)
         return FALLBACK if y is None else y
 

@@ -7,7 +7,6 @@ and every result is re-normalised to ``master_bits``.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
