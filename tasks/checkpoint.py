@@ -1,0 +1,143 @@
+"""Checkpoints and run directories: atomic writes, strict resume, nothing of a user's overwritten.
+
+A checkpoint is one ``torch.save`` dict written to a temporary file in the run directory,
+fsynced, then ``os.replace``d over ``last.ckpt``: a crash leaves either the old or the new file,
+never half of one. It holds everything a run needs to continue bit-identically: model,
+optimizer and scheduler state, the position in the data (epoch, step, batch within the epoch),
+the integer context's generators, and the torch/numpy/python RNG states. Loading uses
+``weights_only=True``, so every value in it is a tensor or a plain Python value.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "intrain-checkpoint/1"
+LAST = "last.ckpt"
+REQUIRED_KEYS = ("format", "model", "optimizer", "scheduler", "epoch", "step", "batch_in_epoch", "rng", "config")
+# What a run writes into its directory; any of them present means the directory holds a run.
+RUN_OUTPUTS = ("metrics.csv", LAST, "config.yaml", "run_info.yaml", "coverage.txt", "coverage.json", "wandb")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt or truncated, or does not fit this run."""
+
+
+class RunDirError(RuntimeError):
+    """A new run pointed at a directory that already holds one."""
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` atomically (temp file in the same dir, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # not supported here (e.g. Windows): the rename itself is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by ``save_checkpoint``; a clear ``CheckpointError`` otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, bad pickle, bad magic number, ...
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated and cannot be read "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            f"Nothing was overwritten; restore the file or move the run directory aside to start over."
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} is corrupt: it is not an intrain checkpoint ({FORMAT})")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is corrupt: it lacks {missing}")
+    return state
+
+
+def prepare_run_dir(run_dir: str | os.PathLike, resume: bool) -> Path | None:
+    """Check that a run may use ``run_dir``; return the checkpoint to resume from, if any.
+
+    A new run refuses a directory that already holds a run's outputs; ``resume`` requires its
+    ``last.ckpt``. Nothing is written here.
+    """
+    run_dir = Path(run_dir)
+    ckpt = run_dir / LAST
+    if resume:
+        if not ckpt.is_file():
+            raise CheckpointError(
+                f"trainer.resume=true but there is no checkpoint to resume from at {ckpt}; "
+                "run without trainer.resume=true to start this run"
+            )
+        return ckpt
+    found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if found:
+        how = ("Pass trainer.resume=true to continue it" if ckpt.is_file() else
+               "It has no checkpoint to resume from (it stopped before its first epoch ended): delete it to start over")
+        raise RunDirError(
+            f"run directory {run_dir} already holds a run ({', '.join(found)}); nothing was overwritten. "
+            f"{how}, or choose another run name (run_name=... or experiment_name=...)"
+        )
+    return None
+
+
+# --- random number generator states ---------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """The global torch (CPU and CUDA), numpy and python RNG states, as checkpoint-safe values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
