@@ -1,0 +1,1 @@
+"""Task runners, their data and the tools that compare their runs."""
