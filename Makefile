@@ -1,10 +1,15 @@
-# intrain: make install | make test | make bench
+# intrain: make demo | make test | make bench | make install
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench clean
+.PHONY: install demo test bench clean
+
+# The main job: ResNet-18 on the embedded digits, fp32 and int8 with the same seed and data
+# order, then both curves in one plot. Each call starts a new experiment directory.
+DEMO_EPOCHS ?= 5
+DEMO := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
 install: $(STAMP)
 
@@ -16,6 +21,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
+
+demo: install
+	$(PY) train.py -m task=resnet18 dataset=digits numerics=fp32,int8 trainer.max_epochs=$(DEMO_EPOCHS) \
+		runs_dir=runs experiment_name=$(notdir $(DEMO))
+	$(PY) scripts/compare_curves.py $(DEMO)/fp32 $(DEMO)/int8
+	@echo "curves: $(DEMO)/comparison.png"
 
 test: install
 	$(PY) -m pytest -q -n 2 tests

@@ -96,19 +96,22 @@ def _optimizer_entries(optimizer, ctx) -> None:
 def coverage(model, example_inputs, loss_fn=None, optimizer=None) -> CoverageReport:
     """Run one forward and backward (and ``optimizer.step()`` if given) and report every op.
 
-    ``example_inputs``: a tensor or a tuple of tensors; ``loss_fn(output) -> scalar`` (the
-    output summed when omitted). The step is real: gradients are cleared afterwards, and a
+    ``example_inputs``: a tensor, a tuple of positional inputs, or a dict of keyword inputs
+    (OpenMMLab models: ``inputs``, ``data_samples``, ``mode``); ``loss_fn(output) -> scalar``
+    (the output summed when omitted). The step is real: gradients are cleared afterwards, and a
     given optimizer does update the weights.
     """
     ctx = context_of(model)
     observing = ctx is None
     if observing:
         ctx = observe(model)
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    args, kwargs = (example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)), {}
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), example_inputs
     ctx.reset_log()
     counters_before = dict(ctx.counters)
     try:
-        output = model(*inputs)
+        output = model(*args, **kwargs)
         with IntegerMode(ctx):
             ctx.layer_stack.append("<loss>")
             loss = loss_fn(output) if loss_fn is not None else _sum_outputs(output)

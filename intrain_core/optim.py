@@ -7,6 +7,7 @@ and every result is re-normalised to ``master_bits``.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 
 import torch
 
@@ -32,12 +33,16 @@ class IntSGD(torch.optim.Optimizer):
     computed in integer arithmetic on fixed-point masters."""
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
-                 numerics: Numerics | str | None = None, maximize=False):
+                 numerics: Numerics | Mapping | str | None = None, maximize=False):
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"lr, momentum and weight_decay must be >= 0 (got {lr}, {momentum}, {weight_decay})")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov momentum requires a momentum and zero dampening")
-        numerics = Numerics.preset(numerics) if isinstance(numerics, str) else numerics or Numerics.preset("int8")
+        if isinstance(numerics, str):
+            numerics = Numerics.preset(numerics)
+        elif isinstance(numerics, Mapping):  # from a config file (mmengine's optimiser registry)
+            numerics = Numerics.from_dict(dict(numerics))
+        numerics = numerics or Numerics.preset("int8")
         self.numerics = numerics
         self._generators: dict[str, torch.Generator] = {}
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,

@@ -296,38 +296,28 @@ def _get(d: dict, dotted: str):
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Train and validate as ``cfg`` says, writing everything into ``run_dir``; return final metrics."""
+    """Train and validate as ``cfg`` says, writing everything into ``run_dir``; return final metrics.
+
+    Every check that can fail on a user's input (run dir, checkpoint, dataset, model, device)
+    runs before anything is written.
+    """
     from tasks.datasets import build_datasets
 
     run_dir = Path(run_dir)
-    t, tr = cfg.task, cfg.trainer
-    resume = bool(tr.resume)
+    t, tr, ds = cfg.task, cfg.trainer, cfg.dataset
     config = OmegaConf.to_container(cfg, resolve=True)
     numerics = Numerics.from_dict(config["numerics"])
     device = resolve_device(tr.device)
+    seed = int(tr.seed)
 
     # Refuse to touch someone else's run before anything is written or loaded.
-    ckpt_path = prepare_run_dir(run_dir, resume)
+    ckpt_path = prepare_run_dir(run_dir, bool(tr.resume))
     checkpoint = load_checkpoint(ckpt_path) if ckpt_path else None
     if checkpoint is not None:
         diffs = _config_diff(checkpoint["config"], config)
         if diffs:
             raise CheckpointError(f"trainer.resume=true, but this config differs from the one {ckpt_path} was "
                                   f"trained with: {'; '.join(diffs)}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = add_file_log(run_dir)
-    try:
-        return _train(cfg, config, run_dir, numerics, device, checkpoint, ckpt_path, build_datasets)
-    finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
-
-
-def _train(cfg, config, run_dir, numerics, device, checkpoint, ckpt_path, build_datasets) -> dict[str, Any]:
-    t, tr, ds = cfg.task, cfg.trainer, cfg.dataset
-    seed = int(tr.seed)
-    if tr.deterministic and device.type == "cuda":
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
     splits = build_datasets(ds.name, root=ds.root, image_size=int(ds.image_size), augment=bool(ds.augment))
     batch_size = int(tr.batch_size)
@@ -338,12 +328,30 @@ def _train(cfg, config, run_dir, numerics, device, checkpoint, ckpt_path, build_
         raise ConfigError(f"trainer.batch_size={batch_size} leaves no full batch in the {len(splits.train)} "
                           f"training images of {ds.name}")
     total_steps = int(tr.max_steps) if tr.max_steps is not None else int(tr.max_epochs) * steps_per_epoch
-    max_epochs = math.ceil(total_steps / steps_per_epoch)
 
     seed_everything(seed)
     model = build_model(t, splits.num_classes, splits.in_channels, int(ds.image_size))
     if t.checkpoint and checkpoint is None:
         load_pretrained(model, t.checkpoint, splits.num_classes)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = add_file_log(run_dir)
+    try:
+        return _train(cfg, config, run_dir, numerics, device, checkpoint, ckpt_path, splits, model,
+                      steps_per_epoch, total_steps)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _train(cfg, config, run_dir, numerics, device, checkpoint, ckpt_path, splits, model, steps_per_epoch,
+           total_steps) -> dict[str, Any]:
+    t, tr = cfg.task, cfg.trainer
+    seed, batch_size = int(tr.seed), int(tr.batch_size)
+    max_epochs = math.ceil(total_steps / steps_per_epoch)
+    if tr.deterministic and device.type == "cuda":
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
     model = convert(model.to(device), numerics)
     ctx = context_of(model)
     optimizer = build_optimizer(model.parameters(), numerics, lr=float(t.lr), momentum=float(t.momentum),
@@ -373,14 +381,13 @@ def _train(cfg, config, run_dir, numerics, device, checkpoint, ckpt_path, build_
              steps_per_epoch, max_epochs, run_dir)
 
     report = None
+    info = run_info(device, {"experiment_name": cfg.experiment_name, "run_name": cfg.run_name,
+                             "resumed_from_step": step if checkpoint is not None else None})
+    log.info("git commit %s%s", info["git_commit"], " (with uncommitted changes)" if info["git_dirty"] else "")
     if checkpoint is None:
-        write_yaml(run_dir / "config.yaml", config)
-        info = run_info(device, {"experiment_name": cfg.experiment_name, "run_name": cfg.run_name})
-        log.info("git commit %s%s", info["git_commit"], " (with uncommitted changes)" if info["git_dirty"] else "")
+        write_yaml(run_dir / "config.yaml", config)  # the config a resume must match is in the checkpoint
         if numerics.integer:
             report = _coverage(model, optimizer, criterion, splits.train, device, batch_size, run_dir)
-    else:
-        info = {}
 
     wandb_run = None
     if cfg.logger.get("wandb"):
@@ -389,8 +396,7 @@ def _train(cfg, config, run_dir, numerics, device, checkpoint, ckpt_path, build_
         if report is not None:
             wandb_run.log_coverage(report, [run_dir / "coverage.txt", run_dir / "coverage.json"])
         info["wandb"] = wandb_run.describe()
-    if info:
-        write_yaml(run_dir / ("run_info.yaml" if checkpoint is None else f"run_info.resume-{step}.yaml"), info)
+    write_yaml(run_dir / ("run_info.yaml" if checkpoint is None else f"run_info.resume-{step}.yaml"), info)
 
     metrics_csv = MetricsCSV(run_dir / "metrics.csv", resume_step=step if checkpoint is not None else None)
     val_loader = _loader(splits.val, list(range(len(splits.val))), int(tr.eval_batch_size), int(tr.num_workers),

@@ -36,13 +36,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 class MetricsCSV:
     """Appends rows to ``metrics.csv``; on resume, first drops rows past the checkpoint's step."""
 
-    def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None,
+                 columns: tuple[str, ...] = COLUMNS):
+        self.path, self.columns = Path(path), tuple(columns)
         if resume_step is not None and self.path.is_file():
             self._truncate_after(resume_step)
         new = not self.path.is_file()
         self._file = open(self.path, "a", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS, extrasaction="raise")
+        self._writer = csv.DictWriter(self._file, fieldnames=self.columns, extrasaction="raise")
         if new:
             self._writer.writeheader()
             self._file.flush()
@@ -54,7 +55,7 @@ class MetricsCSV:
         kept = [r for r in rows if r.get("step") and int(r["step"]) <= step]
         fd, tmp = tempfile.mkstemp(prefix=".metrics.", suffix=".tmp", dir=self.path.parent)
         with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(kept)
         os.replace(tmp, self.path)
