@@ -4,7 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean table-classification table-detection table-segmentation table-ablation tables
+
+# Paper tables: SCALE=mini (this CPU, embedded data) or SCALE=paper (real datasets, GPUs; see README).
+SCALE ?= mini
+TABLES := classification detection segmentation ablation
 
 # The main job: ResNet-18 on the embedded digits, fp32 and int8 with the same seed and data
 # order, then both curves in one plot. Each call starts a new experiment directory.
@@ -14,12 +18,14 @@ DEMO := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 install: $(STAMP)
 
 # torch and torchvision first: pip takes these pinned releases from the machine's local
-# wheels, so no later dependency can pull another torch.
-$(STAMP): pyproject.toml
+# wheels, so no later dependency can pull another torch. OpenMMLab last: mmcv's compiled ops
+# are built once (about 20 minutes) into ~/.cache/intrain/wheels and reused after that.
+$(STAMP): pyproject.toml scripts/install_openmmlab.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip<27"
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[test]'
+	bash scripts/install_openmmlab.sh $(PY)
 	touch $(STAMP)
 
 demo: install
@@ -30,6 +36,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -n 2 tests
+
+$(addprefix table-,$(TABLES)): install
+	$(PY) scripts/run_table.py $(@:table-%=%) --scale $(SCALE)
+
+tables: $(addprefix table-,$(TABLES))
 
 bench: install
 	$(PY) scripts/bench.py

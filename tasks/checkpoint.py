@@ -86,14 +86,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
-def prepare_run_dir(run_dir: str | os.PathLike, resume: bool) -> Path | None:
+def prepare_run_dir(run_dir: str | os.PathLike, resume: bool, checkpoint_name: str = LAST) -> Path | None:
     """Check that a run may use ``run_dir``; return the checkpoint to resume from, if any.
 
     A new run refuses a directory that already holds a run's outputs; ``resume`` requires its
-    ``last.ckpt``. Nothing is written here.
+    checkpoint (``last.ckpt``; mmengine runs: ``last_checkpoint``). Nothing is written here.
     """
     run_dir = Path(run_dir)
-    ckpt = run_dir / LAST
+    ckpt = run_dir / checkpoint_name
     if resume:
         if not ckpt.is_file():
             raise CheckpointError(
@@ -101,7 +101,7 @@ def prepare_run_dir(run_dir: str | os.PathLike, resume: bool) -> Path | None:
                 "run without trainer.resume=true to start this run"
             )
         return ckpt
-    found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    found = [name for name in (*RUN_OUTPUTS, checkpoint_name) if (run_dir / name).exists()]
     if found:
         how = ("Pass trainer.resume=true to continue it" if ckpt.is_file() else
                "It has no checkpoint to resume from (it stopped before its first epoch ended): delete it to start over")

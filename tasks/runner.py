@@ -10,7 +10,8 @@ from omegaconf import DictConfig
 from tasks.checkpoint import CheckpointError, RunDirError
 
 # task.family -> module with ``run(cfg, run_dir) -> dict``
-RUNNERS = {"classification": "tasks.classification"}
+RUNNERS = {"classification": "tasks.classification", "detection": "tasks.detection",
+           "segmentation": "tasks.segmentation"}
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:

@@ -43,10 +43,18 @@ def bit_length(v: torch.Tensor) -> torch.Tensor:
 
 def round_shift(v: torch.Tensor, shift: torch.Tensor | int) -> torch.Tensor:
     """``v / 2**shift`` rounded half up; a negative shift multiplies exactly."""
-    shift = torch.as_tensor(shift, device=v.device).long()
-    right = shift.clamp(min=0)
-    half = torch.where(right > 0, torch.ones_like(right) << (right - 1).clamp(min=0), torch.zeros_like(right))
-    return torch.where(shift >= 0, (v + half) >> right, v << (-shift).clamp(min=0))
+    if not isinstance(shift, torch.Tensor):
+        shift = int(shift)
+        if shift > 0:
+            return (v + (1 << (shift - 1))) >> shift
+        return v << -shift if shift < 0 else v
+    # Per-group shifts are small tensors: build them once, then two or three passes over v.
+    shift = shift.to(device=v.device, dtype=torch.int64)
+    right, left = shift.clamp(min=0), (-shift).clamp(min=0)
+    half = (right > 0).long() << (right - 1).clamp(min=0)
+    if bool((left > 0).any()):
+        v = v << left
+    return (v + half) >> right
 
 
 def narrow(v: torch.Tensor, bits: int = OPERAND_BITS) -> tuple[torch.Tensor, int]:

@@ -1,0 +1,262 @@
+"""Detection and segmentation through OpenMMLab: a Hydra config in, an mmengine Runner out.
+
+The model, losses, data pipeline and evaluation come from a config file shipped inside the
+installed mmdet/mmseg package (``task.mm_config``, e.g.
+``mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py``); this module only overrides what the
+run asks for (data root, schedule, batch size, image size, backbone depth, optimiser) and adds
+intrain's hooks. The family-specific parts (datasets, class counts, metrics) are a ``Family``
+given by ``tasks/detection.py`` and ``tasks/segmentation.py``.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from tasks.checkpoint import CheckpointError, prepare_run_dir
+from tasks.classification import ConfigError
+from tasks.run_logging import add_file_log, run_info, write_yaml
+
+log = logging.getLogger("intrain")
+
+MM_LAST = "last_checkpoint"  # mmengine's pointer to the newest checkpoint in the work dir
+
+
+@dataclass(frozen=True)
+class Family:
+    package: str  # "mmdet" | "mmseg"
+    datasets: tuple[str, ...]  # dataset names this family can train on
+    set_num_classes: Callable[[Any, int], None]
+    set_depth: Callable[[Any, int], None]
+    embedded_data: Callable[[Any, DictConfig], None]  # digits_det / digits_seg into the config
+    columns: tuple[str, ...]
+    metric_names: dict[str, str]  # mmengine metric key -> metrics.csv column
+    metric_scale: dict[str, float]
+
+
+def zoo_config_path(package: str, name: str) -> Path:
+    """The config file ``name`` (``faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py``) inside ``package``."""
+    import importlib
+
+    name = name.split("::", 1)[1] if "::" in name else name
+    root = Path(importlib.import_module(package).__file__).parent / ".mim" / "configs"
+    path = root / name
+    if not path.is_file():
+        known = [str(p.relative_to(root)) for p in root.rglob("*.py") if "_base_" not in p.parts]
+        close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+        raise ConfigError(f"task.mm_config={name!r} is not a config of the installed {package} (looked in {root})"
+                          + (f"; did you mean {close}?" if close else ""))
+    return path
+
+
+def walk(node, fn) -> None:
+    """Call ``fn`` on every dict in a nested config (pipelines, wrapped datasets, ...)."""
+    if isinstance(node, dict):
+        fn(node)
+        for value in node.values():
+            walk(value, fn)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            walk(value, fn)
+
+
+def build_mm_config(cfg: DictConfig, run_dir: Path, family: Family, resume_step: int | None,
+                    check_data: bool = True):
+    """The mmengine config of this run; ``check_data=False`` (dry runs) skips the data folders."""
+    from mmengine.config import Config, ConfigDict
+
+    t, tr, ds = cfg.task, cfg.trainer, cfg.dataset
+    if ds.name not in family.datasets:
+        raise ConfigError(f"task={t.name} trains on {family.package} datasets, not dataset={ds.name}; "
+                          f"choose one of {list(family.datasets)} (e.g. dataset={family.datasets[0]})")
+    mm = Config.fromfile(str(zoo_config_path(family.package, t.mm_config)))
+    numerics = OmegaConf.to_container(cfg.numerics, resolve=True)
+
+    # Model: no hub downloads (init_cfg/pretrained), the backbone depth, the class count.
+    mm.model.pop("pretrained", None)
+    walk(mm.model, lambda d: d.pop("init_cfg", None) if d.get("init_cfg", {}) and
+         str(d["init_cfg"].get("type", "")) == "Pretrained" else None)
+    if t.get("depth"):
+        family.set_depth(mm.model, int(t.depth))
+    family.set_num_classes(mm.model, int(ds.num_classes))
+
+    # Data.
+    if ds.name.startswith("digits"):
+        if check_data:
+            family.embedded_data(mm, cfg)
+    else:
+        _real_dataset(mm, ds, check_data)
+    for key, size in (("train_dataloader", tr.batch_size), ("val_dataloader", tr.eval_batch_size),
+                      ("test_dataloader", tr.eval_batch_size)):
+        loader = mm[key]
+        loader.batch_size = int(size)
+        loader.num_workers = int(tr.num_workers)
+        loader.persistent_workers = int(tr.num_workers) > 0
+    mm.test_dataloader, mm.test_evaluator = mm.val_dataloader, mm.val_evaluator
+
+    # Schedule.
+    warmup = int(t.get("warmup_iters") or 0)
+    if tr.max_steps is not None:
+        total = int(tr.max_steps)
+        every = int(tr.get("val_every_n_steps") or max(1, total // 4))
+        mm.train_cfg = ConfigDict(type="IterBasedTrainLoop", max_iters=total, val_interval=every)
+        by_epoch = False
+    else:
+        total = int(tr.max_epochs)
+        mm.train_cfg = ConfigDict(type="EpochBasedTrainLoop", max_epochs=total, val_interval=1)
+        by_epoch = True
+    mm.val_cfg, mm.test_cfg = ConfigDict(type="ValLoop"), ConfigDict(type="TestLoop")
+    if t.schedule != "zoo":
+        mm.param_scheduler = _schedule(t, total, by_epoch, warmup)
+
+    # Optimiser: the numerics pick SGD or IntSGD; no clipping (the paper adds none).
+    integer_sgd = numerics["integer"] and numerics.get("optimizer", "intsgd") == "intsgd"
+    optimizer = dict(type="IntSGD" if integer_sgd else "SGD", lr=float(t.lr), momentum=float(t.momentum),
+                     weight_decay=float(t.weight_decay))
+    if integer_sgd:
+        optimizer["numerics"] = numerics
+    mm.optim_wrapper = ConfigDict(type="OptimWrapper", optimizer=optimizer, clip_grad=None)
+    mm.pop("auto_scale_lr", None)
+
+    # Hooks, logging, checkpoints.
+    mm.default_hooks.logger = ConfigDict(type="LoggerHook", interval=20)
+    mm.default_hooks.checkpoint = ConfigDict(
+        type="CheckpointHook", interval=1 if by_epoch else int(mm.train_cfg.val_interval), by_epoch=by_epoch,
+        max_keep_ckpts=1, save_last=True, backend_args=dict(backend="intrain_atomic_local"))
+    mm.default_hooks.pop("visualization", None)
+    hooks = [dict(type="RunLogHook", run_dir=str(run_dir), columns=list(family.columns),
+                  metric_names=family.metric_names, metric_scale=family.metric_scale,
+                  log_every_n_steps=int(tr.log_every_n_steps), resume_step=resume_step,
+                  wandb=OmegaConf.to_container(cfg.logger, resolve=True) if cfg.logger.get("wandb") else None,
+                  config=OmegaConf.to_container(cfg, resolve=True))]
+    if numerics["integer"]:
+        hooks.insert(0, dict(type="IntegerNumericsHook", numerics=numerics, run_dir=str(run_dir)))
+    mm.custom_hooks = hooks
+    mm.work_dir = str(run_dir)
+    mm.randomness = dict(seed=int(tr.seed), deterministic=bool(tr.deterministic) and _cuda(tr))
+    mm.env_cfg = ConfigDict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
+                            dist_cfg=dict(backend="nccl"))
+    mm.launcher = "none"
+    # A resume reads <run dir>/last_checkpoint; pretrained weights only start a new run.
+    mm.load_from = str(Path(t.checkpoint).expanduser()) if t.get("checkpoint") and not tr.resume else None
+    mm.resume = bool(tr.resume)
+    mm.log_level = "WARNING"
+    return mm
+
+
+def _cuda(tr) -> bool:
+    import torch
+
+    return str(tr.device).startswith("cuda") or (str(tr.device) == "auto" and torch.cuda.is_available())
+
+
+def _schedule(t, total: int, by_epoch: bool, warmup: int) -> list[dict]:
+    schedulers = []
+    if warmup:
+        schedulers.append(dict(type="LinearLR", start_factor=1e-3, by_epoch=False, begin=0, end=warmup))
+    if t.schedule == "cosine":
+        schedulers.append(dict(type="CosineAnnealingLR", T_max=total, by_epoch=by_epoch, begin=0, end=total,
+                               eta_min=0.0, convert_to_iter_based=by_epoch))
+    elif t.schedule == "step":
+        schedulers.append(dict(type="MultiStepLR", milestones=list(t.milestones), gamma=float(t.gamma),
+                               by_epoch=by_epoch, begin=0, end=total))
+    elif t.schedule != "constant":
+        raise ConfigError(f"task.schedule={t.schedule!r} is not one of ['zoo', 'cosine', 'step', 'constant']")
+    return schedulers
+
+
+def _real_dataset(mm, ds, check_data: bool = True) -> None:
+    """COCO, VOC, Cityscapes, ADE20K from a local folder: the zoo's dataset config, re-rooted."""
+    from mmengine.config import Config
+
+    root = Path(str(ds.root or "")).expanduser()
+    if check_data and (not ds.root or not root.is_dir()):
+        raise _dataset_error(f"dataset={ds.name} needs dataset.root=<folder>; {root if ds.root else 'none given'} "
+                             f"is not a folder. Expected layout: {ds.layout}")
+    missing = [p for p in ds.get("required", []) if not (root / p).exists()]
+    if check_data and missing:
+        raise _dataset_error(f"dataset={ds.name} at {root} lacks {missing}. Expected layout: {ds.layout}")
+    if ds.get("mm_dataset"):
+        package, name = str(ds.mm_dataset).split("::", 1)
+        base = Config.fromfile(str(zoo_config_path(package, name)))
+        for key in ("train_dataloader", "val_dataloader", "test_dataloader", "val_evaluator", "test_evaluator"):
+            if key in base:
+                mm[key] = base[key]
+
+    def reroot(d):
+        if "data_root" in d:
+            d["data_root"] = str(root) + "/"
+        if "ann_file" in d and d.get("type") in ("CocoMetric", "VOCMetric") and not os.path.isabs(d["ann_file"]):
+            d["ann_file"] = str(root / d["ann_file"].split("/", 1)[-1]) if d["ann_file"].startswith("data/") \
+                else str(root / d["ann_file"])
+        d.pop("backend_args", None)
+
+    for key in ("train_dataloader", "val_dataloader", "test_dataloader", "val_evaluator", "test_evaluator"):
+        if key in mm:
+            walk(mm[key], reroot)
+
+
+def _dataset_error(message: str) -> Exception:
+    from tasks.datasets import DatasetError
+
+    return DatasetError(message)
+
+
+def run(cfg: DictConfig, run_dir: str | Path, family: Family) -> dict[str, Any]:
+    """Train (and validate) ``cfg.task`` on ``cfg.dataset`` with mmengine; return the last metrics."""
+    import tasks.openmmlab_hooks  # noqa: F401  (registers IntSGD, the hooks and the atomic backend)
+    from mmengine.runner import Runner
+
+    run_dir = Path(run_dir)
+    tr = cfg.trainer
+    prepare_run_dir(run_dir, bool(tr.resume), checkpoint_name=MM_LAST)
+    resume_step = _resume_step(run_dir) if tr.resume else None
+    mm = build_mm_config(cfg, run_dir, family, resume_step)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = add_file_log(run_dir)
+    try:
+        if resume_step is None:
+            write_yaml(run_dir / "config.yaml", OmegaConf.to_container(cfg, resolve=True))
+            mm.dump(str(run_dir / "mm_config.py"))
+        info = run_info(_device(tr), {"experiment_name": cfg.experiment_name, "run_name": cfg.run_name,
+                                      "mm_config": str(cfg.task.mm_config), "resumed_from_step": resume_step})
+        write_yaml(run_dir / ("run_info.yaml" if resume_step is None else f"run_info.resume-{resume_step}.yaml"), info)
+        log.info("%s: %s on %s, numerics %s, run dir %s", cfg.experiment_name, cfg.task.mm_config, cfg.dataset.name,
+                 cfg.numerics.name, run_dir)
+        runner = Runner.from_cfg(mm)
+        runner.train()
+        return {**_last_metrics(run_dir), "step": runner.iter, "run_dir": str(run_dir)}
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _device(tr):
+    import torch
+
+    return torch.device("cuda" if _cuda(tr) else "cpu")
+
+
+def _resume_step(run_dir: Path) -> int:
+    """The iteration of the checkpoint ``last_checkpoint`` names (metrics past it are dropped)."""
+    import torch
+
+    path = Path((run_dir / MM_LAST).read_text().strip())
+    try:
+        meta = torch.load(path, map_location="cpu", weights_only=False)["meta"]
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} (named by {run_dir / MM_LAST}) is corrupt or missing and "
+                              f"cannot be resumed ({type(exc).__name__}: {exc}). Nothing was overwritten.") from exc
+    return int(meta["iter"])
+
+
+def _last_metrics(run_dir: Path) -> dict[str, float]:
+    from tasks.curves import load_run
+
+    run = load_run(run_dir)
+    return {m: run.final(m) for m in run.val_metrics}

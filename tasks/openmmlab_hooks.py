@@ -1,0 +1,203 @@
+"""intrain inside mmengine, through its extension points only (no OpenMMLab code is edited).
+
+- ``IntSGD`` is registered in mmengine's optimiser registry: ``optimizer=dict(type='IntSGD', ...)``.
+- ``IntegerNumericsHook`` calls ``intrain_core.convert`` on the runner's model before training
+  or evaluation, writes the coverage report, and keeps the integer RNG state in checkpoints.
+- ``RunLogHook`` writes the same ``metrics.csv`` (and wandb run) as classification runs.
+- ``AtomicLocalBackend`` makes mmengine's checkpoint writes atomic (temp file, fsync, rename).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from mmengine.fileio.backends import LocalBackend, register_backend
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS, OPTIMIZERS
+
+from intrain_core import Numerics, context_of, convert, coverage
+from intrain_core.optim import IntSGD
+from tasks.checkpoint import rng_state, set_rng_state
+from tasks.run_logging import MetricsCSV, WandbRun
+
+log = logging.getLogger("intrain")
+
+ATOMIC_BACKEND = "intrain_atomic_local"
+if "IntSGD" not in OPTIMIZERS.module_dict:
+    OPTIMIZERS.register_module(name="IntSGD", module=IntSGD)
+
+
+class AtomicLocalBackend(LocalBackend):
+    """A killed run leaves the previous checkpoint whole, never half of a new one."""
+
+    def put(self, obj: bytes, filepath) -> None:
+        _atomic_write(Path(filepath), obj)
+
+    def put_text(self, obj: str, filepath, encoding: str = "utf-8") -> None:
+        _atomic_write(Path(filepath), obj.encode(encoding))
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+register_backend(ATOMIC_BACKEND, AtomicLocalBackend, force=True)
+
+
+def _model_of(runner) -> torch.nn.Module:
+    model = runner.model
+    return getattr(model, "module", model)  # unwrap (Distributed)DataParallel
+
+
+@HOOKS.register_module(force=True)
+class IntegerNumericsHook(Hook):
+    """Converts the model to ``numerics`` once, after weights are initialised or resumed."""
+
+    priority = "VERY_HIGH"
+
+    def __init__(self, numerics: dict, run_dir: str, coverage_samples: int = 2):
+        self.numerics = Numerics.from_dict(dict(numerics))
+        self.run_dir = Path(run_dir)
+        self.coverage_samples = coverage_samples
+        self._resumed_context: dict | None = None
+
+    def _convert(self, runner) -> None:
+        model = _model_of(runner)
+        if context_of(model) is not None:
+            return
+        convert(model, self.numerics)
+        if self._resumed_context is not None:
+            context_of(model).load_state_dict(self._resumed_context)
+
+    def before_train(self, runner) -> None:
+        self._convert(runner)
+        if self._resumed_context is None and not (self.run_dir / "coverage.json").exists():
+            self._write_coverage(runner)
+
+    def before_val(self, runner) -> None:
+        self._convert(runner)
+
+    def before_test(self, runner) -> None:
+        self._convert(runner)
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        ctx = context_of(_model_of(runner))
+        if ctx is not None:
+            checkpoint["intrain_integer_context"] = ctx.state_dict()
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        self._resumed_context = checkpoint.get("intrain_integer_context")
+        ctx = context_of(_model_of(runner))
+        if ctx is not None and self._resumed_context is not None:
+            ctx.load_state_dict(self._resumed_context)
+
+    def _write_coverage(self, runner) -> None:
+        """One real training step's op report; the step is undone (weights, BN stats, RNGs)."""
+        from mmengine.dataset import pseudo_collate
+
+        model = _model_of(runner)
+        dataset = runner.train_dataloader.dataset
+        optimizer = runner.optim_wrapper.optimizer
+        ctx = context_of(model)
+        saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()), ctx.state_dict(),
+                 rng_state())
+        batch = pseudo_collate([dataset[i] for i in range(min(self.coverage_samples, len(dataset)))])
+        data = model.data_preprocessor(batch, True)
+        report = coverage(model, {**data, "mode": "loss"}, loss_fn=lambda losses: model.parse_losses(losses)[0],
+                          optimizer=optimizer)
+        model.load_state_dict(saved[0])
+        optimizer.load_state_dict(saved[1])
+        ctx.load_state_dict(saved[2])
+        set_rng_state(saved[3])
+        (self.run_dir / "coverage.txt").write_text(report.table() + "\n")
+        (self.run_dir / "coverage.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        log.info("integer MAC share %.4f%% (coverage report: %s)", 100 * report.integer_mac_share,
+                 self.run_dir / "coverage.txt")
+
+
+@HOOKS.register_module(force=True)
+class RunLogHook(Hook):
+    """``metrics.csv`` rows (and wandb points) in the classification runner's format.
+
+    ``metric_names`` maps mmengine's metric keys (``coco/bbox_mAP``, ``mIoU``) to columns
+    (``val/bbox_mAP``); ``metric_scale`` turns fractions into percent, like accuracies.
+    """
+
+    priority = "NORMAL"  # before ParamSchedulerHook (LOW): the lr logged is the lr used
+
+    def __init__(self, run_dir: str, columns: list[str], metric_names: dict, metric_scale: dict,
+                 log_every_n_steps: int = 1, resume_step: int | None = None, wandb: dict | None = None,
+                 config: dict | None = None):
+        self.run_dir = Path(run_dir)
+        self.columns = tuple(columns)
+        self.metric_names, self.metric_scale = dict(metric_names), dict(metric_scale)
+        self.every = max(1, int(log_every_n_steps))
+        self.resume_step = resume_step
+        self.wandb_cfg, self.config = wandb, config
+        self.csv: MetricsCSV | None = None
+        self.wandb_run: WandbRun | None = None
+        self.start = time.monotonic()
+
+    def before_run(self, runner) -> None:
+        self.csv = MetricsCSV(self.run_dir / "metrics.csv", resume_step=self.resume_step, columns=self.columns)
+        if self.wandb_cfg:
+            id_file = self.run_dir / "wandb_id.txt"
+            run_id = id_file.read_text().strip() if id_file.is_file() else None
+            self.wandb_run = WandbRun(self.run_dir, self.wandb_cfg, self.config or {}, run_id)
+            id_file.write_text(self.wandb_run.id + "\n")
+
+    def before_train(self, runner) -> None:
+        report = self.run_dir / "coverage.json"
+        if self.wandb_run is not None and report.is_file():
+            self.wandb_run.log_coverage(json.loads(report.read_text()),
+                                        [self.run_dir / "coverage.txt", report])
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs: dict | None = None) -> None:
+        step = runner.iter + 1
+        loss = float(outputs["loss"]) if outputs and "loss" in outputs else math.nan
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the training loss is {loss} at step {step} (epoch {runner.epoch}); stopping. "
+                                     f"The last checkpoint is in {self.run_dir}")
+        if step % self.every == 0 or step == runner.max_iters:
+            lr = runner.optim_wrapper.get_lr()["lr"][0]
+            self._write({"step": step, "epoch": runner.epoch, "train/loss": loss, "lr": lr})
+
+    def after_val_epoch(self, runner, metrics: dict | None = None) -> None:
+        row = {"step": runner.iter, "epoch": max(0, runner.epoch - 1) if runner.epoch else 0}
+        for key, value in (metrics or {}).items():
+            column = self.metric_names.get(key)
+            if column is not None:
+                row[column] = float(value) * self.metric_scale.get(key, 1.0)
+        self._write(row)
+        log.info("step %d: %s", runner.iter, ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("val/")))
+
+    def _write(self, row: dict[str, Any]) -> None:
+        row["time_s"] = round(time.monotonic() - self.start, 3)
+        self.csv.write(row)
+        if self.wandb_run is not None:
+            self.wandb_run.log(row)
+
+    def after_run(self, runner) -> None:
+        if self.csv is not None:
+            self.csv.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

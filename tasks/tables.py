@@ -1,0 +1,207 @@
+"""The paper's tables as data: ``configs/tables/<table>.yaml`` lists, per scale, the rows (train.py
+overrides and the metric compared) and the numerics presets each row runs with.
+
+``run_table`` trains every (row, preset) that has not finished, resuming killed runs;
+``aggregate`` turns the run directories into ``results/<table>.{md,csv}`` and one curve PNG per
+row; ``dry_run`` builds every row's config, model and optimiser without touching data.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLES_DIR = ROOT / "configs" / "tables"
+TABLES = tuple(sorted(p.stem for p in TABLES_DIR.glob("*.yaml")))
+SCALES = ("mini", "paper")
+DONE = "DONE"  # written into a run directory once its train.py call finished
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    overrides: tuple[str, ...]
+    metric: str
+    minutes: float
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    scale: str
+    presets: tuple[str, ...]
+    hardware: str
+    rows: tuple[Row, ...]
+
+    def run_dir(self, runs_dir: Path, row: Row, preset: str) -> Path:
+        return runs_dir / row.name / preset
+
+
+def load_table(name: str, scale: str) -> Table:
+    if name not in TABLES:
+        raise ValueError(f"unknown table {name!r}; tables: {list(TABLES)}")
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; scales: {list(SCALES)}")
+    spec = yaml.safe_load((TABLES_DIR / f"{name}.yaml").read_text())
+    part = spec["scales"][scale]
+    rows = tuple(Row(row, tuple(r["overrides"]), r["metric"], float(r.get("minutes", 0)))
+                 for row, r in part["rows"].items())
+    return Table(name, scale, tuple(spec["presets"]), part.get("hardware", ""), rows)
+
+
+def default_runs_dir(table: Table) -> Path:
+    return ROOT / "runs" / "tables" / f"{table.name}-{table.scale}"
+
+
+def train_command(table: Table, row: Row, preset: str, runs_dir: Path, resume: bool) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), *row.overrides, f"numerics={preset}", f"runs_dir={runs_dir}",
+            f"experiment_name={row.name}", f"run_name={preset}", "trainer.progress_bar=false",
+            *(["trainer.resume=true"] if resume else [])]
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return (run_dir / "last.ckpt").is_file() or (run_dir / "last_checkpoint").is_file()
+
+
+def run_table(table: Table, runs_dir: Path) -> None:
+    """Every (row, preset) in order; finished runs are skipped, killed ones resumed."""
+    for row in table.rows:
+        for preset in table.presets:
+            run_dir = table.run_dir(runs_dir, row, preset)
+            if (run_dir / DONE).is_file():
+                print(f"[{table.name}] {row.name} {preset}: done already ({run_dir})", flush=True)
+                continue
+            resume = has_checkpoint(run_dir)
+            if run_dir.exists() and not resume:
+                shutil.rmtree(run_dir)  # stopped before its first checkpoint: nothing to keep
+            print(f"[{table.name}] {row.name} {preset}: {'resuming' if resume else 'training'} -> {run_dir}",
+                  flush=True)
+            start = time.monotonic()
+            subprocess.run(train_command(table, row, preset, runs_dir, resume), cwd=ROOT, check=True)
+            (run_dir / DONE).write_text(f"{time.monotonic() - start:.0f} s\n")
+
+
+# --- aggregation ---------------------------------------------------------------------------------
+def aggregate(table: Table, runs_dir: Path, out_dir: Path, command: str) -> tuple[Path, Path]:
+    """results/<table>.md and .csv, results/<table>/<row>.png, and each run's metrics as evidence."""
+    from tasks import curves
+    from tasks.run_logging import git_commit
+
+    reference = "fp32"
+    integer = [p for p in table.presets if p != reference]
+    two_way = len(integer) == 1
+    header = ["row", "metric", *table.presets]
+    header += ["delta", "trajectory_gap"] if two_way else [f"gap_{p}" for p in integer]
+    header += ["minutes"]
+    lines, records, missing = [], [], []
+    figure_dir = out_dir / table.name
+    for row in table.rows:
+        dirs = {p: table.run_dir(runs_dir, row, p) for p in table.presets}
+        absent = [p for p, d in dirs.items() if not (d / "metrics.csv").is_file()]
+        if absent:
+            missing.append(f"{row.name} ({', '.join(absent)})")
+            continue
+        runs = [curves.load_run(dirs[p]) for p in table.presets]
+        finals = {p: r.final(row.metric) for p, r in zip(table.presets, runs)}
+        ref_run = runs[table.presets.index(reference)]
+        gaps = {p: curves.trajectory_gap(ref_run, r) for p, r in zip(table.presets, runs) if p != reference}
+        record = {"row": row.name, "metric": row.metric, **{p: finals[p] for p in table.presets}}
+        if two_way:
+            record["delta"] = finals[integer[0]] - finals[reference]
+            record["trajectory_gap"] = gaps[integer[0]]
+        else:
+            record.update({f"gap_{p}": gaps[p] for p in integer})
+        record["minutes"] = sum(r.final("time_s") for r in runs if "time_s" in r.metrics) / 60
+        records.append(record)
+        curves.plot(runs, figure_dir / f"{row.name}.png")
+        for preset, run_dir in dirs.items():
+            evidence = figure_dir / "runs" / row.name / preset
+            evidence.mkdir(parents=True, exist_ok=True)
+            for name in ("metrics.csv", "config.yaml", "coverage.txt"):
+                if (run_dir / name).is_file():
+                    shutil.copyfile(run_dir / name, evidence / name)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out_dir / f"{table.name}.csv", out_dir / f"{table.name}.md"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows({k: _cell(v) for k, v in r.items()} for r in records)
+
+    lines += [f"# {table.name} ({table.scale} scale)", "",
+              f"Command: `{command}`  ", f"Commit: `{git_commit()}`, {time.strftime('%Y-%m-%d')}; "
+              f"hardware: {table.hardware}.  ",
+              "Final validation metric per numerics preset (same seed and data order); "
+              "delta = integer - fp32 in the metric's unit (points); trajectory gap = mean over steps "
+              "of |L_int - L_fp32| / L_fp32 on smoothed training losses; minutes = wall time of all "
+              "presets of the row.", "",
+              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in records:
+        lines.append("| " + " | ".join(_cell(r[k], markdown=True) for k in header) + " |")
+    lines.append("")
+    for r in records:
+        lines.append(f"![{r['row']}]({table.name}/{r['row']}.png)")
+    if missing:
+        lines += ["", f"Not run yet: {', '.join(missing)}."]
+    md_path.write_text("\n".join(lines) + "\n")
+    return md_path, csv_path
+
+
+def _cell(value, markdown: bool = False) -> str:
+    if isinstance(value, float):
+        return "—" if not math.isfinite(value) else (f"{value:.4g}" if markdown else repr(value))
+    return str(value)
+
+
+# --- dry run ---------------------------------------------------------------------------------------
+def dry_run(table: Table, runs_dir: Path) -> list[str]:
+    """Compose, build model and optimiser for every row and preset, with dummy data paths."""
+    from hydra import compose, initialize_config_dir
+
+    built = []
+    for row in table.rows:
+        for preset in table.presets:
+            overrides = [o for o in row.overrides if "${oc.env:" not in o]
+            with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+                cfg = compose("config", overrides=[*overrides, f"numerics={preset}", f"runs_dir={runs_dir}",
+                                                   f"experiment_name={row.name}", f"run_name={preset}"])
+            built.append(_build(cfg, runs_dir / row.name / preset))
+    return built
+
+
+def _build(cfg, run_dir: Path) -> str:
+    from omegaconf import OmegaConf
+
+    from intrain_core import Numerics
+    from intrain_core.optim import build_optimizer
+
+    numerics = Numerics.from_dict(OmegaConf.to_container(cfg.numerics, resolve=True))
+    if cfg.task.family == "classification":
+        from tasks.classification import build_model
+
+        classes = {"cifar10": 10, "cifar100": 100, "imagenet": 1000, "digits": 10}[cfg.dataset.name]
+        model = build_model(cfg.task, classes, 3, int(cfg.dataset.image_size))
+        optimizer = build_optimizer(model.parameters(), numerics, lr=float(cfg.task.lr), momentum=0.9)
+        return f"{cfg.task.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M, {type(optimizer).__name__}"
+    import importlib
+
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import init_default_scope
+
+    import tasks.openmmlab_hooks  # noqa: F401  (IntSGD in mmengine's registry)
+    from tasks.openmmlab import build_mm_config
+
+    family = importlib.import_module(f"tasks.{cfg.task.family}").FAMILY
+    mm = build_mm_config(cfg, run_dir, family, None, check_data=False)
+    init_default_scope(family.package)
+    model = importlib.import_module(f"{family.package}.registry").MODELS.build(mm.model)
+    wrapper = build_optim_wrapper(model, mm.optim_wrapper)
+    return f"{cfg.task.mm_config}: {type(wrapper.optimizer).__name__}"

@@ -1,0 +1,98 @@
+"""Detection and segmentation runners: mmdet/mmseg zoo configs under integer numerics, briefly."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import compose, read_metrics, run_dir_of, train_in_process, train_subprocess
+
+pytest.importorskip("mmdet", reason="OpenMMLab is installed by `make install` (scripts/install_openmmlab.sh)")
+pytest.importorskip("mmseg")
+
+# Tiny embedded data (its own cache per test session) and short schedules.
+DATA = ["dataset.image_size=64", "dataset.num_train=8", "dataset.num_val=4", "trainer.batch_size=2",
+        "trainer.eval_batch_size=4", "task.warmup_iters=0"]
+
+
+@pytest.fixture(autouse=True)
+def data_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("INTRAIN_DATA_CACHE", str(tmp_path_factory.getbasetemp() / "data"))
+
+
+def tiny(task: str, dataset: str, *extra: str) -> list[str]:
+    return [f"task={task}", f"dataset={dataset}", *DATA, *extra]
+
+
+@pytest.mark.parametrize("task,dataset", [("faster_rcnn", "digits_det"), ("deeplabv3", "digits_seg")])
+def test_int8_run_logs_curves_and_covers_at_least_99_percent_of_macs(runs_dir, task, dataset):
+    result, run_dir = train_in_process(runs_dir, *tiny(task, dataset, "numerics=int8", "trainer.max_steps=2"))
+    rows = read_metrics(run_dir)
+    losses = [float(r["train/loss"]) for r in rows if r["train/loss"]]
+    assert len(losses) == 2 and all(0 < loss < 1e3 for loss in losses)
+    metric = "val/bbox_mAP" if task == "faster_rcnn" else "val/mIoU"
+    assert rows[-1][metric] != "" and metric in result
+    report = json.loads((run_dir / "coverage.json").read_text())
+    assert report["integer_mac_share"] >= 0.99, report["float_ops"]
+    assert (run_dir / "last_checkpoint").is_file() and (run_dir / "mm_config.py").is_file()
+    text = (run_dir / "coverage.txt").read_text()
+    assert all(op in text for op in report["float_ops"])  # every float op is named
+
+
+@pytest.mark.parametrize("task,dataset", [("retinanet", "digits_det"), ("mask_rcnn", "digits_det"),
+                                          ("fcn", "digits_seg"), ("pspnet", "digits_seg")])
+def test_other_zoo_models_take_integer_steps_with_finite_losses(runs_dir, task, dataset):
+    _, run_dir = train_in_process(runs_dir, *tiny(task, dataset, "numerics=int8", "trainer.max_steps=2",
+                                                  "trainer.val_every_n_steps=2"))
+    losses = [float(r["train/loss"]) for r in read_metrics(run_dir) if r["train/loss"]]
+    assert len(losses) == 2 and all(0 < loss < 1e3 for loss in losses)
+
+
+def test_fp32_run_uses_float_sgd_and_resumes(runs_dir):
+    common = tiny("faster_rcnn", "digits_det", "numerics=fp32", "trainer.val_every_n_steps=1")
+    _, run_dir = train_in_process(runs_dir, *common, "trainer.max_steps=1")
+    assert not (run_dir / "coverage.json").exists()
+    train_in_process(runs_dir, *common, "trainer.max_steps=2", "trainer.resume=true")
+    steps = [r["step"] for r in read_metrics(run_dir) if r["train/loss"]]
+    assert steps == ["1", "2"]  # the resumed run continued at step 2
+
+
+def test_a_classification_dataset_is_refused_with_the_valid_names(runs_dir):
+    from tasks.classification import ConfigError
+
+    with pytest.raises(ConfigError, match="digits_det"):
+        train_in_process(runs_dir, "task=faster_rcnn", "dataset=digits", "trainer.max_steps=1")
+
+
+def test_unknown_zoo_config_suggests_close_names(runs_dir):
+    from tasks.classification import ConfigError
+
+    with pytest.raises(ConfigError, match="faster-rcnn_r50_fpn_1x_coco.py"):
+        train_in_process(runs_dir, *tiny("faster_rcnn", "digits_det", "trainer.max_steps=1",
+                                         "task.mm_config=mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_cocoo.py"))
+
+
+def test_missing_real_dataset_folder_is_named(tmp_path):
+    missing = tmp_path / "no" / "coco"
+    result = train_subprocess(tmp_path, "task=faster_rcnn", "dataset=coco", f"dataset.root={missing}",
+                              f"runs_dir={tmp_path / 'runs'}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert str(missing) in output and "Traceback" not in output
+
+
+@pytest.mark.parametrize("task", ["faster_rcnn", "retinanet", "mask_rcnn", "deeplabv3", "fcn", "pspnet"])
+def test_every_task_config_builds_its_model(tmp_path, task):
+    from mmengine.registry import init_default_scope
+
+    from tasks.detection import FAMILY as DET
+    from tasks.openmmlab import build_mm_config
+    from tasks.segmentation import FAMILY as SEG
+
+    family = DET if task in ("faster_rcnn", "retinanet", "mask_rcnn") else SEG
+    cfg = compose(tmp_path, f"task={task}", f"dataset={family.datasets[0]}", *DATA)
+    mm = build_mm_config(cfg, run_dir_of(cfg), family, None)
+    init_default_scope(family.package)
+    registry = __import__(f"{family.package}.registry", fromlist=["MODELS"]).MODELS
+    model = registry.build(mm.model)
+    assert model.backbone.depth == 18
+    assert mm.optim_wrapper.optimizer.type == "IntSGD" and mm.train_cfg.type == "EpochBasedTrainLoop"

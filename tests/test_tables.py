@@ -1,0 +1,78 @@
+"""Paper tables: every table spec is valid, paper-scale settings build, aggregation is correct."""
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+
+from tasks import tables
+from tasks.run_logging import MetricsCSV
+
+
+def test_every_table_has_both_scales_and_fp32():
+    assert set(tables.TABLES) == {"classification", "detection", "segmentation", "ablation"}
+    for name in tables.TABLES:
+        for scale in tables.SCALES:
+            table = tables.load_table(name, scale)
+            assert table.rows and "fp32" in table.presets and table.hardware
+            assert all(row.metric.startswith("val/") and row.minutes > 0 for row in table.rows)
+    ablation = tables.load_table("ablation", "mini")
+    assert {"int8", "int16", "int8_nearest", "int8_fwd"} <= set(ablation.presets)
+    assert {row.overrides[0] for row in ablation.rows} == {"task=resnet18", "task=vit"}
+
+
+def test_unknown_table_or_scale_lists_the_valid_names():
+    with pytest.raises(ValueError, match="classification"):
+        tables.load_table("classifcation", "mini")
+    with pytest.raises(ValueError, match="paper"):
+        tables.load_table("classification", "huge")
+
+
+@pytest.mark.parametrize("name", ["classification", "ablation"])
+def test_paper_scale_classification_builds_without_data(tmp_path, name):
+    built = tables.dry_run(tables.load_table(name, "paper"), tmp_path)
+    table = tables.load_table(name, "paper")
+    assert len(built) == len(table.rows) * len(table.presets)
+    assert any("IntSGD" in line for line in built) and any("SGD" in line for line in built)
+    assert any(line.startswith("vit_base_patch16_224: 85.") for line in built)  # ViT-B/16
+
+
+@pytest.mark.parametrize("name", ["detection", "segmentation"])
+def test_paper_scale_openmmlab_builds_without_data(tmp_path, name):
+    pytest.importorskip("mmdet")
+    pytest.importorskip("mmseg")
+    built = tables.dry_run(tables.load_table(name, "paper"), tmp_path)
+    assert built and all(line.endswith(("IntSGD", "SGD")) for line in built)
+
+
+def _fake_run(run_dir, preset, losses, accuracies):
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(f"numerics:\n  name: {preset}\n")
+    metrics = MetricsCSV(run_dir / "metrics.csv")
+    for step, loss in enumerate(losses, 1):
+        metrics.write({"step": step, "epoch": 0, "train/loss": loss, "time_s": 6.0 * step})
+    for step, acc in accuracies:
+        metrics.write({"step": step, "epoch": 0, "val/acc1": acc})
+    metrics.close()
+
+
+def test_aggregate_writes_deltas_and_gaps_from_the_runs(tmp_path):
+    table = tables.load_table("classification", "mini")
+    row = table.rows[0]
+    runs_dir = tmp_path / "runs"
+    fp_losses, int_losses = [2.0] * 20, [2.2] * 20  # a constant 10% gap
+    _fake_run(runs_dir / row.name / "fp32", "fp32", fp_losses, [(10, 90.0), (20, 97.5)])
+    _fake_run(runs_dir / row.name / "int8", "int8", int_losses, [(10, 88.0), (20, 96.0)])
+    md, csv_path = tables.aggregate(table, runs_dir, tmp_path / "results", "make table-classification SCALE=mini")
+    (record,) = list(csv.DictReader(open(csv_path)))
+    assert record["row"] == row.name and record["metric"] == "val/acc1"
+    assert float(record["fp32"]) == 97.5 and float(record["int8"]) == 96.0
+    assert float(record["delta"]) == pytest.approx(-1.5)
+    assert float(record["trajectory_gap"]) == pytest.approx(0.1)
+    assert math.isclose(float(record["minutes"]), 2 * 120 / 60)
+    text = md.read_text()
+    assert "make table-classification SCALE=mini" in text and f"{row.name}.png" in text
+    assert "Not run yet" in text and table.rows[1].name in text  # the missing row is named, not dropped
+    assert (tmp_path / "results" / "classification" / f"{row.name}.png").stat().st_size > 0
+    assert (tmp_path / "results" / "classification" / "runs" / row.name / "int8" / "metrics.csv").is_file()
