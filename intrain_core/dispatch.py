@@ -38,6 +38,10 @@ DATA_MOVEMENT = frozenset(
     unfold movedim moveaxis swapaxes squeeze_ unsqueeze_ tril triu identity dropout dropout1d dropout2d
     dropout_ alpha_dropout feature_alpha_dropout _has_compatible_shallow_copy_type""".split()
 )
+# Selection ops (detection heads, NMS inputs): no arithmetic, but named in the report.
+SELECTION = frozenset("topk sort argsort argmax argmin max min".split())
+# Resampling computes weighted averages of neighbours (float) unless it only copies (nearest).
+RESAMPLING = frozenset("interpolate upsample grid_sample".split())
 # No arithmetic, exact in any representation (NUMERICS.md sections 6-7).
 EXACT = frozenset("relu relu_ relu6 hardtanh hardtanh_ max_pool1d max_pool2d max_pool3d adaptive_max_pool2d "
                   "max_pool2d_with_indices adaptive_max_pool1d neg __neg__ abs leaky_relu leaky_relu_ clamp clip "
@@ -229,11 +233,26 @@ class IntegerMode(TorchFunctionMode):
             if out is not FALLBACK:
                 return out
         result = func(*args, **kwargs)
-        self._log(func, args, result)
+        self._log(func, args, kwargs, result)
         return result
 
-    def _log(self, func, args, result) -> None:
+    def _log(self, func, args, kwargs, result) -> None:
         name = _canonical_name(getattr(func, "__name__", None) or str(func))
+        if name in SELECTION:
+            if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+                self.ctx.record(name, "forward", "exact")
+            return
+        if name in RESAMPLING and isinstance(result, torch.Tensor) and result.is_floating_point():
+            mode = kwargs.get("mode", args[3] if name == "interpolate" and len(args) > 3 else "bilinear")
+            if mode == "nearest":
+                self.ctx.record(name, "forward", "exact")
+                return
+            # Linear resampling: one product per neighbour (2 per dimension) and output element.
+            macs = result.numel() * 2 ** max(1, result.dim() - 2)
+            self.ctx.record(name, "forward", False, macs)
+            if result.requires_grad:
+                self.ctx.record(name, "backward", False, macs)
+            return
         if name in DATA_MOVEMENT or not isinstance(result, torch.Tensor) or not result.is_floating_point():
             return
         if name in EXACT:

@@ -27,9 +27,12 @@ if [ -z "$wheel" ]; then
     wheel=$(ls "$CACHE"/mmcv-$MMCV_VERSION-*.whl | head -1)
 fi
 
-# The constraint keeps every package below on the torch already installed.
+# The constraints keep every package on the torch already installed and on the versions
+# this project was tested with (openmmlab-constraints.txt: a pip freeze of a working venv).
 constraints=$(mktemp)
 "$PY" -m pip freeze | grep -iE '^(torch|torchvision|numpy)==' > "$constraints"
-"$PY" -m pip install -q -c "$constraints" "$wheel" mmengine==0.10.7 mmdet==3.3.0 mmsegmentation==1.2.2
+# ftfy and regex: mmseg imports its text tokenizer with its models.
+"$PY" -m pip install -q -c "$constraints" -c "$(dirname "$0")/openmmlab-constraints.txt" \
+    "$wheel" mmengine==0.10.7 mmdet==3.3.0 mmsegmentation==1.2.2 ftfy regex
 rm -f "$constraints"
 "$PY" -c "import mmcv.ops, mmdet, mmseg; print('openmmlab ready: mmcv', mmcv.__version__, 'mmdet', mmdet.__version__, 'mmseg', mmseg.__version__)"

@@ -74,6 +74,7 @@ FAMILY = Family(
                   "coco/segm_mAP": "val/segm_mAP", "pascal_voc/mAP": "val/mAP"},
     # COCO reports fractions, VOC percent already: all columns in percent, like accuracies.
     metric_scale={"coco/bbox_mAP": 100.0, "coco/bbox_mAP_50": 100.0, "coco/segm_mAP": 100.0},
+    metric_when_empty={"coco/bbox_mAP": 0.0, "coco/bbox_mAP_50": 0.0},
 )
 
 

@@ -9,6 +9,7 @@ given by ``tasks/detection.py`` and ``tasks/segmentation.py``.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
@@ -37,6 +38,7 @@ class Family:
     columns: tuple[str, ...]
     metric_names: dict[str, str]  # mmengine metric key -> metrics.csv column
     metric_scale: dict[str, float]
+    metric_when_empty: dict[str, float]  # what an evaluator's empty result means (no detections: AP 0)
 
 
 def zoo_config_path(package: str, name: str) -> Path:
@@ -131,6 +133,8 @@ def build_mm_config(cfg: DictConfig, run_dir: Path, family: Family, resume_step:
     mm.default_hooks.pop("visualization", None)
     hooks = [dict(type="RunLogHook", run_dir=str(run_dir), columns=list(family.columns),
                   metric_names=family.metric_names, metric_scale=family.metric_scale,
+                  metric_when_empty=family.metric_when_empty if ds.name.startswith("digits") or ds.name == "coco"
+                  else {},
                   log_every_n_steps=int(tr.log_every_n_steps), resume_step=resume_step,
                   wandb=OmegaConf.to_container(cfg.logger, resolve=True) if cfg.logger.get("wandb") else None,
                   config=OmegaConf.to_container(cfg, resolve=True))]
@@ -229,11 +233,28 @@ def run(cfg: DictConfig, run_dir: str | Path, family: Family) -> dict[str, Any]:
         log.info("%s: %s on %s, numerics %s, run dir %s", cfg.experiment_name, cfg.task.mm_config, cfg.dataset.name,
                  cfg.numerics.name, run_dir)
         runner = Runner.from_cfg(mm)
-        runner.train()
+        with _full_unpickling(resume_step is not None):
+            runner.train()
         return {**_last_metrics(run_dir), "step": runner.iter, "run_dir": str(run_dir)}
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
+
+
+@contextlib.contextmanager
+def _full_unpickling(enabled: bool):
+    """mmengine's resume calls ``torch.load`` without ``weights_only``, and its checkpoints hold
+    numpy arrays and logging objects that torch's safe loader refuses. They are this run's own
+    files (written by it, in its run directory), so the resume may unpickle them fully."""
+    key = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+    previous = os.environ.get(key)
+    if enabled:
+        os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if enabled:
+            os.environ.pop(key) if previous is None else os.environ.__setitem__(key, previous)
 
 
 def _device(tr):

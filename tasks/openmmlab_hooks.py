@@ -9,10 +9,12 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -68,6 +70,22 @@ def _model_of(runner) -> torch.nn.Module:
     return getattr(model, "module", model)  # unwrap (Distributed)DataParallel
 
 
+def _record_compiled_op(ctx, layer: str, module, args, output) -> None:
+    """mmcv's compiled ops (RoIAlign, ...) run in float: named in the coverage report.
+
+    RoIAlign interpolates bilinearly: 4 products per sampling point, sampling_ratio**2 points
+    per output element (at least one where the ratio is adaptive, 0).
+    """
+    if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+        return
+    op = re.sub(r"(?<!^)(?=[A-Z][a-z])", "_", type(module).__name__).lower()
+    points = max(1, int(getattr(module, "sampling_ratio", 0) or 0)) ** 2
+    macs = output.numel() * 4 * points if hasattr(module, "sampling_ratio") else 0
+    ctx.record(op, "forward", False, macs, layer)
+    if output.requires_grad:
+        ctx.record(op, "backward", False, macs, layer)
+
+
 @HOOKS.register_module(force=True)
 class IntegerNumericsHook(Hook):
     """Converts the model to ``numerics`` once, after weights are initialised or resumed."""
@@ -85,8 +103,12 @@ class IntegerNumericsHook(Hook):
         if context_of(model) is not None:
             return
         convert(model, self.numerics)
+        ctx = context_of(model)
+        for name, module in model.named_modules():
+            if type(module).__module__.startswith("mmcv.ops"):  # compiled kernels: no torch function to see
+                module.register_forward_hook(functools.partial(_record_compiled_op, ctx, name))
         if self._resumed_context is not None:
-            context_of(model).load_state_dict(self._resumed_context)
+            ctx.load_state_dict(self._resumed_context)
 
     def before_train(self, runner) -> None:
         self._convert(runner)
@@ -146,10 +168,11 @@ class RunLogHook(Hook):
 
     def __init__(self, run_dir: str, columns: list[str], metric_names: dict, metric_scale: dict,
                  log_every_n_steps: int = 1, resume_step: int | None = None, wandb: dict | None = None,
-                 config: dict | None = None):
+                 config: dict | None = None, metric_when_empty: dict | None = None):
         self.run_dir = Path(run_dir)
         self.columns = tuple(columns)
         self.metric_names, self.metric_scale = dict(metric_names), dict(metric_scale)
+        self.metric_when_empty = dict(metric_when_empty or {})
         self.every = max(1, int(log_every_n_steps))
         self.resume_step = resume_step
         self.wandb_cfg, self.config = wandb, config
@@ -173,7 +196,7 @@ class RunLogHook(Hook):
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs: dict | None = None) -> None:
         step = runner.iter + 1
-        loss = float(outputs["loss"]) if outputs and "loss" in outputs else math.nan
+        loss = float(outputs["loss"].detach()) if outputs and "loss" in outputs else math.nan
         if not math.isfinite(loss):
             raise FloatingPointError(f"the training loss is {loss} at step {step} (epoch {runner.epoch}); stopping. "
                                      f"The last checkpoint is in {self.run_dir}")
@@ -183,6 +206,10 @@ class RunLogHook(Hook):
 
     def after_val_epoch(self, runner, metrics: dict | None = None) -> None:
         row = {"step": runner.iter, "epoch": max(0, runner.epoch - 1) if runner.epoch else 0}
+        if not metrics and self.metric_when_empty:
+            # mmdet's CocoMetric returns nothing when the model detects nothing: that is an AP of 0.
+            log.warning("step %d: no detections on the validation set; recording AP 0", runner.iter)
+            metrics = dict(self.metric_when_empty)
         for key, value in (metrics or {}).items():
             column = self.metric_names.get(key)
             if column is not None:

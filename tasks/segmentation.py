@@ -76,6 +76,7 @@ FAMILY = Family(
     columns=("step", "epoch", "train/loss", "lr", "val/mIoU", "val/mAcc", "val/aAcc", "time_s"),
     metric_names={"mIoU": "val/mIoU", "mAcc": "val/mAcc", "aAcc": "val/aAcc"},
     metric_scale={},  # mmseg reports percent
+    metric_when_empty={},
 )
 
 

@@ -31,7 +31,8 @@ class IntegerLinear(torch.autograd.Function):
         exponent = xq.exponent + wq.exponent
         if bias is not None:
             acc = acc + map_bias(ctx, bias, exponent, acc_dtype, k, bound, ctx.where("linear", "bias", layer))
-        y = from_fixed(acc, exponent).reshape(*x.shape[:-1], weight.shape[0])
+        # Reshaped before the conversion: a view returned from a Function cannot be modified in place.
+        y = from_fixed(acc.reshape(*x.shape[:-1], weight.shape[0]), exponent)
         fctx.ctx, fctx.layer, fctx.has_bias = ctx, layer, bias is not None
         fctx.x_shape = x.shape
         if n.backward == "float":
