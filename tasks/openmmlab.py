@@ -150,6 +150,8 @@ def build_mm_config(cfg: DictConfig, run_dir: Path, family: Family, resume_step:
     mm.load_from = str(Path(t.checkpoint).expanduser()) if t.get("checkpoint") and not tr.resume else None
     mm.resume = bool(tr.resume)
     mm.log_level = "WARNING"
+    if t.get("mm_options"):  # any other key of the mm config, dotted: {model.neck.out_channels: 128}
+        mm.merge_from_dict(OmegaConf.to_container(t.mm_options, resolve=True))
     return mm
 
 
