@@ -194,17 +194,29 @@ def _real_dataset(mm, ds, check_data: bool = True) -> None:
             if key in base:
                 mm[key] = base[key]
 
+    # The zoo's data root (e.g. "data/coco/") prefixes its evaluators' annotation paths too.
+    zoo_roots = set()
+    walk(mm.get("val_dataloader", {}), lambda d: zoo_roots.add(d["data_root"]) if "data_root" in d else None)
+
     def reroot(d):
         if "data_root" in d:
             d["data_root"] = str(root) + "/"
         if "ann_file" in d and d.get("type") in ("CocoMetric", "VOCMetric") and not os.path.isabs(d["ann_file"]):
-            d["ann_file"] = str(root / d["ann_file"].split("/", 1)[-1]) if d["ann_file"].startswith("data/") \
-                else str(root / d["ann_file"])
+            relative = next((d["ann_file"][len(r):] for r in zoo_roots if d["ann_file"].startswith(r)), d["ann_file"])
+            d["ann_file"] = str(root / relative)
         d.pop("backend_args", None)
+        if ds.get("image_size") and d.get("type") in ("Resize", "RandomResize") and "scale" in d:
+            d["scale"] = (int(ds.image_size), int(ds.image_size))  # the zoo's scale otherwise
+        if ds.get("image_size") and d.get("type") == "RandomCrop":
+            d["crop_size"] = (int(ds.image_size), int(ds.image_size))
 
     for key in ("train_dataloader", "val_dataloader", "test_dataloader", "val_evaluator", "test_evaluator"):
         if key in mm:
             walk(mm[key], reroot)
+    if "data_root" in mm:  # the zoo files' own variable, kept in the dumped config
+        mm.data_root = str(root) + "/"
+    if ds.get("image_size") and "size" in mm.model.get("data_preprocessor", {}):
+        mm.model.data_preprocessor.size = (int(ds.image_size), int(ds.image_size))
 
 
 def _dataset_error(message: str) -> Exception:

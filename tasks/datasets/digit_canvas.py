@@ -35,7 +35,7 @@ SPLITS = ("train", "val")
 
 
 def default_root(name: str, image_size: int) -> Path:
-    cache = os.environ.get("INTRAIN_DATA_CACHE", Path.home() / ".cache" / "intrain" / "data")
+    cache = os.environ.get("INTRAIN_DATA_CACHE") or Path.home() / ".cache" / "intrain" / "data"  # empty = unset
     return Path(cache) / f"{name}-{image_size}"
 
 
