@@ -58,6 +58,13 @@ def _digits_det(mm, cfg: DictConfig) -> None:
     mm.val_dataloader = dict(
         batch_size=8, num_workers=0, drop_last=False, sampler=dict(type="DefaultSampler", shuffle=False),
         dataset=dataset("val", [load[0], resize, load[1], dict(type="PackDetInputs", meta_keys=meta)]))
+    # Anchors sized to the digits (image_size/6 to /3 wide): the zoo's are for COCO at 800 px,
+    # and without an anchor overlapping a digit by IoU 0.3 the RPN gets no positive sample.
+    if "rpn_head" in mm.model:
+        mm.model.rpn_head.anchor_generator.scales = [max(2, size // 16)]
+    head_anchors = mm.model.get("bbox_head", {}).get("anchor_generator", {})
+    if "octave_base_scale" in head_anchors:
+        head_anchors["octave_base_scale"] = max(1, size // 32)
     mm.val_evaluator = dict(type="CocoMetric", ann_file=str(root / "annotations" / "val.json"),
                             metric=["bbox", "segm"] if masks else ["bbox"], format_only=False)
 
