@@ -76,6 +76,9 @@ def build_mm_config(cfg: DictConfig, run_dir: Path, family: Family, resume_step:
     if ds.name not in family.datasets:
         raise ConfigError(f"task={t.name} trains on {family.package} datasets, not dataset={ds.name}; "
                           f"choose one of {list(family.datasets)} (e.g. dataset={family.datasets[0]})")
+    if _device_unsupported(str(tr.device)):
+        raise ConfigError(f"trainer.device={tr.device}: mmengine places the model itself (CUDA when visible); "
+                          "use trainer.device=auto, and CUDA_VISIBLE_DEVICES='' (or =N) to choose")
     mm = Config.fromfile(str(zoo_config_path(family.package, t.mm_config)))
     numerics = OmegaConf.to_container(cfg.numerics, resolve=True)
 
@@ -153,6 +156,14 @@ def build_mm_config(cfg: DictConfig, run_dir: Path, family: Family, resume_step:
     if t.get("mm_options"):  # any other key of the mm config, dotted: {model.neck.out_channels: 128}
         mm.merge_from_dict(OmegaConf.to_container(t.mm_options, resolve=True))
     return mm
+
+
+def _device_unsupported(device: str) -> bool:
+    """mmengine puts the model on the first visible CUDA device, else the CPU."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return (device == "cpu" and cuda) or (device.startswith("cuda") and (not cuda or device not in ("cuda", "cuda:0")))
 
 
 def _cuda(tr) -> bool:
