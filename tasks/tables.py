@@ -31,6 +31,7 @@ class Row:
     overrides: tuple[str, ...]
     metric: str
     minutes: float
+    note: str = ""  # what a reader must know about this row's numbers (printed under the table)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ def load_table(name: str, scale: str) -> Table:
         raise ValueError(f"unknown scale {scale!r}; scales: {list(SCALES)}")
     spec = yaml.safe_load((TABLES_DIR / f"{name}.yaml").read_text())
     part = spec["scales"][scale]
-    rows = tuple(Row(row, tuple(r["overrides"]), r["metric"], float(r.get("minutes", 0)))
+    rows = tuple(Row(row, tuple(r["overrides"]), r["metric"], float(r.get("minutes", 0)), r.get("note", ""))
                  for row, r in part["rows"].items())
     return Table(name, scale, tuple(spec["presets"]), part.get("hardware", ""), rows)
 
@@ -76,7 +77,12 @@ def run_table(table: Table, runs_dir: Path) -> None:
     for row in table.rows:
         for preset in table.presets:
             run_dir = table.run_dir(runs_dir, row, preset)
+            setting = " ".join(row.overrides)
             if (run_dir / DONE).is_file():
+                done_with = (run_dir / DONE).read_text().splitlines()[-1]
+                if done_with != setting:
+                    raise RuntimeError(f"{run_dir} was trained with '{done_with}', but the table now says "
+                                       f"'{setting}': delete that run directory to train it again")
                 print(f"[{table.name}] {row.name} {preset}: done already ({run_dir})", flush=True)
                 continue
             resume = has_checkpoint(run_dir)
@@ -86,7 +92,7 @@ def run_table(table: Table, runs_dir: Path) -> None:
                   flush=True)
             start = time.monotonic()
             subprocess.run(train_command(table, row, preset, runs_dir, resume), cwd=ROOT, check=True)
-            (run_dir / DONE).write_text(f"{time.monotonic() - start:.0f} s\n")
+            (run_dir / DONE).write_text(f"{time.monotonic() - start:.0f} s\n{setting}\n")
 
 
 # --- aggregation ---------------------------------------------------------------------------------
@@ -147,6 +153,9 @@ def aggregate(table: Table, runs_dir: Path, out_dir: Path, command: str) -> tupl
     for r in records:
         lines.append("| " + " | ".join(_cell(r[k], markdown=True) for k in header) + " |")
     lines.append("")
+    notes = [f"- {row.name}: {row.note.strip()}" for row in table.rows if row.note]
+    if notes:
+        lines += ["Notes:", *notes, ""]
     for r in records:
         lines.append(f"![{r['row']}]({table.name}/{r['row']}.png)")
     if missing:

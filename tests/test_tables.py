@@ -76,3 +76,12 @@ def test_aggregate_writes_deltas_and_gaps_from_the_runs(tmp_path):
     assert "Not run yet" in text and table.rows[1].name in text  # the missing row is named, not dropped
     assert (tmp_path / "results" / "classification" / f"{row.name}.png").stat().st_size > 0
     assert (tmp_path / "results" / "classification" / "runs" / row.name / "int8" / "metrics.csv").is_file()
+
+
+def test_a_finished_run_of_another_setting_is_not_taken_as_this_row(tmp_path):
+    table = tables.load_table("classification", "mini")
+    run_dir = table.run_dir(tmp_path, table.rows[0], "fp32")
+    run_dir.mkdir(parents=True)
+    (run_dir / tables.DONE).write_text("60 s\ntask=resnet18 trainer.max_epochs=1\n")
+    with pytest.raises(RuntimeError, match="delete that run directory"):
+        tables.run_table(table, tmp_path)
