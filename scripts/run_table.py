@@ -1,9 +1,10 @@
 """Train every row of a paper table in each of its numerics presets, then aggregate.
 
-    python scripts/run_table.py TABLE [--scale mini|paper] [--runs-dir DIR] [--dry-run]
+    python scripts/run_table.py TABLE [--scale mini|paper] [--rows ROW...] [--runs-dir DIR] [--dry-run]
 
 Finished runs are skipped and killed ones resume from their checkpoint, so an interrupted table
-continues where it stopped. ``--dry-run`` builds every config, model and optimiser without data.
+continues where it stopped. ``--rows`` trains only those rows (one process per row runs a table on
+several machines or cores over a shared runs dir); the aggregate always covers every row. ``--dry-run`` builds every config, model and optimiser without data.
 """
 from __future__ import annotations
 
@@ -23,17 +24,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", choices=tables.SCALES, default="mini")
     parser.add_argument("--runs-dir", type=Path, help="default: runs/tables/<table>-<scale>")
     parser.add_argument("--results", type=Path, default=ROOT / "results")
+    parser.add_argument("--rows", nargs="+", metavar="ROW", help="train only these rows (default: all)")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
     table = tables.load_table(args.table, args.scale)
+    training = tables.select_rows(table, args.rows) if args.rows else table
     runs_dir = (args.runs_dir or tables.default_runs_dir(table)).resolve()
     if args.dry_run:
         for line in tables.dry_run(table, runs_dir):
             print(line)
         return 0
-    print(f"[{table.name}] {table.scale}: {len(table.rows)} rows x {list(table.presets)}, "
-          f"about {sum(r.minutes for r in table.rows):.0f} minutes on {table.hardware}", flush=True)
-    tables.run_table(table, runs_dir)
+    print(f"[{table.name}] {table.scale}: {len(training.rows)} rows x {list(table.presets)}, "
+          f"about {sum(r.minutes for r in training.rows):.0f} minutes on {table.hardware}", flush=True)
+    tables.run_table(training, runs_dir)
     command = f"make table-{table.name} SCALE={table.scale}"
     md, csv_path = tables.aggregate(table, runs_dir, args.results, command)
     print(md.read_text())

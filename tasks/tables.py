@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -56,6 +56,15 @@ def load_table(name: str, scale: str) -> Table:
     rows = tuple(Row(row, tuple(r["overrides"]), r["metric"], float(r.get("minutes", 0)), r.get("note", ""))
                  for row, r in part["rows"].items())
     return Table(name, scale, tuple(spec["presets"]), part.get("hardware", ""), rows)
+
+
+def select_rows(table: Table, names: list[str]) -> Table:
+    """The table with only the rows ``names``; an unknown name lists the table's rows."""
+    known = [row.name for row in table.rows]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"table {table.name} ({table.scale}) has no row {unknown}; rows: {known}")
+    return replace(table, rows=tuple(row for row in table.rows if row.name in names))
 
 
 def default_runs_dir(table: Table) -> Path:

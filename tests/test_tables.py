@@ -85,3 +85,11 @@ def test_a_finished_run_of_another_setting_is_not_taken_as_this_row(tmp_path):
     (run_dir / tables.DONE).write_text("60 s\ntask=resnet18 trainer.max_epochs=1\n")
     with pytest.raises(RuntimeError, match="delete that run directory"):
         tables.run_table(table, tmp_path)
+
+
+def test_select_rows_keeps_only_the_named_rows_and_rejects_unknown_ones():
+    table = tables.load_table("classification", "mini")
+    first = table.rows[0].name
+    assert [row.name for row in tables.select_rows(table, [first]).rows] == [first]
+    with pytest.raises(ValueError, match=first):
+        tables.select_rows(table, ["no_such_row"])
