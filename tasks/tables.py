@@ -32,6 +32,9 @@ class Row:
     metric: str
     minutes: float
     note: str = ""  # what a reader must know about this row's numbers (printed under the table)
+    # Extra seeds for the fp32 reference: the spread of fp32 over seeds is the noise floor an
+    # integer-vs-float delta is read against (small data, short schedules).
+    fp32_seeds: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,18 @@ class Table:
     def run_dir(self, runs_dir: Path, row: Row, preset: str) -> Path:
         return runs_dir / row.name / preset
 
+    def runs(self, row: Row) -> list[tuple[str, str, tuple[str, ...]]]:
+        """(preset, run name, extra overrides) of every run a row needs."""
+        runs = [(preset, preset, ()) for preset in self.presets]
+        return runs + [(REFERENCE, seed_run_name(seed), (f"trainer.seed={seed}",)) for seed in row.fp32_seeds]
+
+
+REFERENCE = "fp32"
+
+
+def seed_run_name(seed: int) -> str:
+    return f"{REFERENCE}-seed{seed}"
+
 
 def load_table(name: str, scale: str) -> Table:
     if name not in TABLES:
@@ -53,7 +68,8 @@ def load_table(name: str, scale: str) -> Table:
         raise ValueError(f"unknown scale {scale!r}; scales: {list(SCALES)}")
     spec = yaml.safe_load((TABLES_DIR / f"{name}.yaml").read_text())
     part = spec["scales"][scale]
-    rows = tuple(Row(row, tuple(r["overrides"]), r["metric"], float(r.get("minutes", 0)), r.get("note", ""))
+    rows = tuple(Row(row, tuple(r["overrides"]), r["metric"], float(r.get("minutes", 0)), r.get("note", ""),
+                     tuple(int(seed) for seed in r.get("fp32_seeds", ())))
                  for row, r in part["rows"].items())
     return Table(name, scale, tuple(spec["presets"]), part.get("hardware", ""), rows)
 
@@ -71,10 +87,11 @@ def default_runs_dir(table: Table) -> Path:
     return ROOT / "runs" / "tables" / f"{table.name}-{table.scale}"
 
 
-def train_command(table: Table, row: Row, preset: str, runs_dir: Path, resume: bool) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), *row.overrides, f"numerics={preset}", f"runs_dir={runs_dir}",
-            f"experiment_name={row.name}", f"run_name={preset}", "trainer.progress_bar=false",
-            *(["trainer.resume=true"] if resume else [])]
+def train_command(row: Row, preset: str, run_name: str, extra: tuple[str, ...], runs_dir: Path,
+                  resume: bool) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), *row.overrides, *extra, f"numerics={preset}",
+            f"runs_dir={runs_dir}", f"experiment_name={row.name}", f"run_name={run_name}",
+            "trainer.progress_bar=false", *(["trainer.resume=true"] if resume else [])]
 
 
 def has_checkpoint(run_dir: Path) -> bool:
@@ -84,23 +101,23 @@ def has_checkpoint(run_dir: Path) -> bool:
 def run_table(table: Table, runs_dir: Path) -> None:
     """Every (row, preset) in order; finished runs are skipped, killed ones resumed."""
     for row in table.rows:
-        for preset in table.presets:
-            run_dir = table.run_dir(runs_dir, row, preset)
-            setting = " ".join(row.overrides)
+        for preset, run_name, extra in table.runs(row):
+            run_dir = table.run_dir(runs_dir, row, run_name)
+            setting = " ".join((*row.overrides, *extra))
             if (run_dir / DONE).is_file():
                 done_with = (run_dir / DONE).read_text().splitlines()[-1]
                 if done_with != setting:
                     raise RuntimeError(f"{run_dir} was trained with '{done_with}', but the table now says "
                                        f"'{setting}': delete that run directory to train it again")
-                print(f"[{table.name}] {row.name} {preset}: done already ({run_dir})", flush=True)
+                print(f"[{table.name}] {row.name} {run_name}: done already ({run_dir})", flush=True)
                 continue
             resume = has_checkpoint(run_dir)
             if run_dir.exists() and not resume:
                 shutil.rmtree(run_dir)  # stopped before its first checkpoint: nothing to keep
-            print(f"[{table.name}] {row.name} {preset}: {'resuming' if resume else 'training'} -> {run_dir}",
+            print(f"[{table.name}] {row.name} {run_name}: {'resuming' if resume else 'training'} -> {run_dir}",
                   flush=True)
             start = time.monotonic()
-            subprocess.run(train_command(table, row, preset, runs_dir, resume), cwd=ROOT, check=True)
+            subprocess.run(train_command(row, preset, run_name, extra, runs_dir, resume), cwd=ROOT, check=True)
             (run_dir / DONE).write_text(f"{time.monotonic() - start:.0f} s\n{setting}\n")
 
 
@@ -110,11 +127,13 @@ def aggregate(table: Table, runs_dir: Path, out_dir: Path, command: str) -> tupl
     from tasks import curves
     from tasks.run_logging import git_commit
 
-    reference = "fp32"
+    reference = REFERENCE
     integer = [p for p in table.presets if p != reference]
     two_way = len(integer) == 1
+    spread = any(row.fp32_seeds for row in table.rows)
     header = ["row", "metric", *table.presets]
     header += ["delta", "trajectory_gap"] if two_way else [f"gap_{p}" for p in integer]
+    header += ["fp32_seed_spread"] if spread else []
     header += ["minutes"]
     lines, records, missing = [], [], []
     figure_dir = out_dir / table.name
@@ -134,6 +153,8 @@ def aggregate(table: Table, runs_dir: Path, out_dir: Path, command: str) -> tupl
             record["trajectory_gap"] = gaps[integer[0]]
         else:
             record.update({f"gap_{p}": gaps[p] for p in integer})
+        if spread:
+            record["fp32_seed_spread"] = _seed_spread(table, row, runs_dir, finals[reference])
         record["minutes"] = sum(r.final("time_s") for r in runs if "time_s" in r.metrics) / 60
         records.append(record)
         curves.plot(runs, figure_dir / f"{row.name}.png")
@@ -157,7 +178,11 @@ def aggregate(table: Table, runs_dir: Path, out_dir: Path, command: str) -> tupl
               "Final validation metric per numerics preset (same seed and data order); "
               "delta = integer - fp32 in the metric's unit (points); trajectory gap = mean over steps "
               "of |L_int - L_fp32| / L_fp32 on smoothed training losses; minutes = wall time of all "
-              "presets of the row.", "",
+              "presets of the row."
+              + (" fp32_seed_spread = max - min of the fp32 metric over the seeds "
+                 f"{{0, {', '.join(str(s) for s in sorted({s for r in table.rows for s in r.fp32_seeds}))}}} "
+                 "(the float run's own noise, the scale a delta is read on; not in minutes)." if spread else ""),
+              "",
               "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
         lines.append("| " + " | ".join(_cell(r[k], markdown=True) for k in header) + " |")
@@ -173,9 +198,24 @@ def aggregate(table: Table, runs_dir: Path, out_dir: Path, command: str) -> tupl
     return md_path, csv_path
 
 
+def _seed_spread(table: Table, row: Row, runs_dir: Path, seed0: float) -> float:
+    """max - min of the reference metric over seed 0 and the row's extra seeds; NaN until all ran."""
+    from tasks import curves
+
+    finals = [seed0]
+    for seed in row.fp32_seeds:
+        run_dir = table.run_dir(runs_dir, row, seed_run_name(seed))
+        if not (run_dir / "metrics.csv").is_file():
+            return math.nan
+        finals.append(curves.load_run(run_dir).final(row.metric))
+    return max(finals) - min(finals) if row.fp32_seeds else math.nan
+
+
 def _cell(value, markdown: bool = False) -> str:
     if isinstance(value, float):
-        return "—" if not math.isfinite(value) else (f"{value:.4g}" if markdown else repr(value))
+        if not math.isfinite(value):
+            return "—" if markdown else ""  # an empty CSV cell: not measured (yet)
+        return f"{value:.4g}" if markdown else repr(value)
     return str(value)
 
 
