@@ -56,6 +56,16 @@ def zoo_config_path(package: str, name: str) -> Path:
     return path
 
 
+def train_backbone_from_scratch(backbone) -> None:
+    """Without pretrained weights, the zoo's frozen stem (frozen_stages) and eval-mode BN (norm_eval)
+    would freeze random filters and leave activations unnormalised, so every stage trains and BN
+    uses batch statistics, as in mmdet's own from-scratch configs."""
+    if "frozen_stages" in backbone:
+        backbone.frozen_stages = -1
+    if "norm_eval" in backbone:
+        backbone.norm_eval = False
+
+
 def walk(node, fn) -> None:
     """Call ``fn`` on every dict in a nested config (pipelines, wrapped datasets, ...)."""
     if isinstance(node, dict):
@@ -86,6 +96,8 @@ def build_mm_config(cfg: DictConfig, run_dir: Path, family: Family, resume_step:
     mm.model.pop("pretrained", None)
     walk(mm.model, lambda d: d.pop("init_cfg", None) if d.get("init_cfg", {}) and
          str(d["init_cfg"].get("type", "")) == "Pretrained" else None)
+    if not t.get("checkpoint"):
+        train_backbone_from_scratch(mm.model.backbone)
     if t.get("depth"):
         family.set_depth(mm.model, int(t.depth))
     family.set_num_classes(mm.model, int(ds.num_classes))

@@ -96,6 +96,17 @@ def test_every_task_config_builds_its_model(tmp_path, task):
     model = registry.build(mm.model)
     assert model.backbone.depth == 18
     assert mm.optim_wrapper.optimizer.type == "IntSGD" and mm.train_cfg.type == "EpochBasedTrainLoop"
+    # No pretrained weights: every stage trains and BN normalises with batch statistics.
+    assert not model.backbone.norm_eval and model.backbone.frozen_stages == -1
+
+
+def test_pretrained_detector_weights_keep_the_zoo_backbone_settings(tmp_path):
+    from tasks.detection import FAMILY
+    from tasks.openmmlab import build_mm_config
+
+    cfg = compose(tmp_path, "task=faster_rcnn", "dataset=digits_det", "task.checkpoint=/weights/detector.pth", *DATA)
+    backbone = build_mm_config(cfg, run_dir_of(cfg), FAMILY, None).model.backbone
+    assert backbone.norm_eval and backbone.frozen_stages == 1  # the zoo's values, tuned for pretrained weights
 
 
 def test_coco_from_a_local_folder_trains_with_the_zoo_pipeline(tmp_path, runs_dir):
