@@ -83,10 +83,20 @@ def _rmatmul(ctx, input, other):
     return _matmul("matmul")(ctx, other, input)
 
 
+def _is_network_value(ctx, *tensors) -> bool:
+    """Adds inside a layer, or on parameters or tensors carrying gradients, are the network's own
+    (residuals, position embeddings). What the root module computes itself on constants (a
+    detector's anchor grids, box encoding and decoding, target assignment) is bookkeeping: in int8
+    a shared scale would round box coordinates to whole pixels (to 16 pixels at COCO sizes)."""
+    return (len(ctx.layer_stack) > 1 or
+            any(isinstance(t, torch.Tensor) and (t.requires_grad or isinstance(t, torch.nn.Parameter))
+                for t in tensors))
+
+
 def _add(ctx, input, other, *args, alpha=1, out=None):
     if args or out is not None or alpha != 1 or not ctx.numerics.runs_integer("add"):
         return FALLBACK
-    if not _is_float32(input, other):
+    if not _is_float32(input, other) or not _is_network_value(ctx, input, other):
         return FALLBACK
     try:
         torch.broadcast_shapes(input.shape, other.shape)

@@ -123,3 +123,34 @@ def test_attention_without_sdpa_is_integer():
 def test_public_api_names():
     for name in ("to_fixed", "from_fixed", "Numerics", "convert", "coverage", "IntSGD", "CoverageReport"):
         assert hasattr(intrain_core, name), name
+
+
+class _BoxesBesideFeatures(torch.nn.Module):
+    """A detector in miniature: a residual layer, and box arithmetic the root does on constants."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = _Residual()
+
+    def forward(self, x):
+        centres = torch.arange(8, dtype=torch.float32) * 97.0  # an anchor grid up to 679 px
+        anchors = centres[:, None] + torch.tensor([-16.5, 16.5])
+        return self.block(x), anchors
+
+
+class _Residual(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.linear(x) + x
+
+
+def test_root_bookkeeping_on_constants_stays_float_and_residuals_are_integer():
+    model = convert(_BoxesBesideFeatures(), "int8")
+    features, anchors = model(torch.randn(3, 4, requires_grad=True))
+    # In int8 with one shared scale, 679 px would round to multiples of 8 px; float keeps .5 px.
+    assert torch.equal(anchors, (torch.arange(8) * 97.0)[:, None] + torch.tensor([-16.5, 16.5]))
+    adds = {(key.layer, key.arithmetic) for key in context_of(model).ops if key.op == "add"}
+    assert ("block", "integer") in adds and ("<model>", "float") in adds
