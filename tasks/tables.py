@@ -176,9 +176,10 @@ def aggregate(table: Table, runs_dir: Path, out_dir: Path, command: str) -> tupl
               f"Command: `{command}`  ", f"Commit: `{git_commit()}`, {time.strftime('%Y-%m-%d')}; "
               f"hardware: {table.hardware}.  ",
               "Final validation metric per numerics preset (same seed and data order); "
-              "delta = integer - fp32 in the metric's unit (points); trajectory gap = mean over steps "
-              "of |L_int - L_fp32| / L_fp32 on smoothed training losses; minutes = wall time of all "
-              "presets of the row."
+              + ("delta = integer - fp32 in the metric's unit (points); trajectory gap" if two_way else
+                 "gap_<preset> = that preset's trajectory gap against fp32")
+              + " = mean over steps of |L_int - L_fp32| / L_fp32 on smoothed training losses; minutes = wall "
+              "time of all presets of the row."
               + (" fp32_seed_spread = max - min of the fp32 metric over the seeds "
                  f"{{0, {', '.join(str(s) for s in sorted({s for r in table.rows for s in r.fp32_seeds}))}}} "
                  "(the float run's own noise, the scale a delta is read on; not in minutes)." if spread else ""),
