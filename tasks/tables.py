@@ -158,8 +158,10 @@ def aggregate(table: Table, runs_dir: Path, out_dir: Path, command: str) -> tupl
         record["minutes"] = sum(r.final("time_s") for r in runs if "time_s" in r.metrics) / 60
         records.append(record)
         curves.plot(runs, figure_dir / f"{row.name}.png")
-        for preset, run_dir in dirs.items():
-            evidence = figure_dir / "runs" / row.name / preset
+        for run_name in (name for _, name, _ in table.runs(row)):
+            run_dir, evidence = table.run_dir(runs_dir, row, run_name), figure_dir / "runs" / row.name / run_name
+            if not run_dir.is_dir():
+                continue
             evidence.mkdir(parents=True, exist_ok=True)
             for name in ("metrics.csv", "config.yaml", "coverage.txt"):
                 if (run_dir / name).is_file():

@@ -112,3 +112,4 @@ def test_fp32_seed_runs_give_the_noise_floor_column(tmp_path):
     (record,) = list(csv.DictReader(open(csv_path)))
     assert float(record["fp32_seed_spread"]) == pytest.approx(2.5)
     assert "seeds {0, 1}" in md.read_text()
+    assert (tmp_path / "results" / "classification" / "runs" / row.name / "fp32-seed1" / "metrics.csv").is_file()
