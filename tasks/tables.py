@@ -32,9 +32,12 @@ class Row:
     metric: str
     minutes: float
     note: str = ""  # what a reader must know about this row's numbers (printed under the table)
-    # Extra seeds for the fp32 reference: the spread of fp32 over seeds is the noise floor an
-    # integer-vs-float delta is read against (small data, short schedules).
-    fp32_seeds: tuple[int, ...] = ()
+    # Extra seeds per preset (YAML: fp32_seeds, int8_seeds, ...): the spread of a preset over
+    # seeds is the noise floor a delta is read against (small data, short schedules).
+    seeds: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    def seeds_of(self, preset: str) -> tuple[int, ...]:
+        return dict(self.seeds).get(preset, ())
 
 
 @dataclass(frozen=True)
@@ -51,14 +54,15 @@ class Table:
     def runs(self, row: Row) -> list[tuple[str, str, tuple[str, ...]]]:
         """(preset, run name, extra overrides) of every run a row needs."""
         runs = [(preset, preset, ()) for preset in self.presets]
-        return runs + [(REFERENCE, seed_run_name(seed), (f"trainer.seed={seed}",)) for seed in row.fp32_seeds]
+        return runs + [(preset, seed_run_name(preset, seed), (f"trainer.seed={seed}",))
+                       for preset, seeds in row.seeds for seed in seeds]
 
 
 REFERENCE = "fp32"
 
 
-def seed_run_name(seed: int) -> str:
-    return f"{REFERENCE}-seed{seed}"
+def seed_run_name(preset: str, seed: int) -> str:
+    return f"{preset}-seed{seed}"
 
 
 def load_table(name: str, scale: str) -> Table:
@@ -69,7 +73,8 @@ def load_table(name: str, scale: str) -> Table:
     spec = yaml.safe_load((TABLES_DIR / f"{name}.yaml").read_text())
     part = spec["scales"][scale]
     rows = tuple(Row(row, tuple(r["overrides"]), r["metric"], float(r.get("minutes", 0)), r.get("note", ""),
-                     tuple(int(seed) for seed in r.get("fp32_seeds", ())))
+                     tuple((p, tuple(int(seed) for seed in r[f"{p}_seeds"])) for p in spec["presets"]
+                           if r.get(f"{p}_seeds")))
                  for row, r in part["rows"].items())
     return Table(name, scale, tuple(spec["presets"]), part.get("hardware", ""), rows)
 
@@ -130,10 +135,11 @@ def aggregate(table: Table, runs_dir: Path, out_dir: Path, command: str) -> tupl
     reference = REFERENCE
     integer = [p for p in table.presets if p != reference]
     two_way = len(integer) == 1
-    spread = any(row.fp32_seeds for row in table.rows)
+    seeded = [p for p in table.presets if any(row.seeds_of(p) for row in table.rows)]
+    mean_delta = two_way and set(seeded) == set(table.presets)
     header = ["row", "metric", *table.presets]
     header += ["delta", "trajectory_gap"] if two_way else [f"gap_{p}" for p in integer]
-    header += ["fp32_seed_spread"] if spread else []
+    header += [f"{p}_seed_spread" for p in seeded] + (["delta_seed_mean"] if mean_delta else [])
     header += ["minutes"]
     lines, records, missing = [], [], []
     figure_dir = out_dir / table.name
@@ -153,8 +159,13 @@ def aggregate(table: Table, runs_dir: Path, out_dir: Path, command: str) -> tupl
             record["trajectory_gap"] = gaps[integer[0]]
         else:
             record.update({f"gap_{p}": gaps[p] for p in integer})
-        if spread:
-            record["fp32_seed_spread"] = _seed_spread(table, row, runs_dir, finals[reference])
+        seed_finals = {p: _seed_finals(table, row, runs_dir, p, finals[p]) for p in seeded}
+        complete = {p: row.seeds_of(p) and all(map(math.isfinite, v)) for p, v in seed_finals.items()}
+        for p in seeded:
+            record[f"{p}_seed_spread"] = max(seed_finals[p]) - min(seed_finals[p]) if complete[p] else math.nan
+        if mean_delta:
+            means = {p: sum(v) / len(v) if complete[p] else math.nan for p, v in seed_finals.items()}
+            record["delta_seed_mean"] = means[integer[0]] - means[reference]
         record["minutes"] = sum(r.final("time_s") for r in runs if "time_s" in r.metrics) / 60
         records.append(record)
         curves.plot(runs, figure_dir / f"{row.name}.png")
@@ -182,9 +193,10 @@ def aggregate(table: Table, runs_dir: Path, out_dir: Path, command: str) -> tupl
                  "gap_<preset> = that preset's trajectory gap against fp32")
               + " = mean over steps of |L_int - L_fp32| / L_fp32 on smoothed training losses; minutes = wall "
               "time of all presets of the row."
-              + (" fp32_seed_spread = max - min of the fp32 metric over the seeds "
-                 f"{{0, {', '.join(str(s) for s in sorted({s for r in table.rows for s in r.fp32_seeds}))}}} "
-                 "(the float run's own noise, the scale a delta is read on; not in minutes)." if spread else ""),
+              + (" <preset>_seed_spread = max - min of that preset's metric over seed 0 and the row's extra "
+                 "seeds (its own noise, the scale a delta is read on; seed runs are not in minutes)."
+                 if seeded else "")
+              + (" delta_seed_mean = the same delta between the presets' means over their seeds." if mean_delta else ""),
               "",
               "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
@@ -201,17 +213,16 @@ def aggregate(table: Table, runs_dir: Path, out_dir: Path, command: str) -> tupl
     return md_path, csv_path
 
 
-def _seed_spread(table: Table, row: Row, runs_dir: Path, seed0: float) -> float:
-    """max - min of the reference metric over seed 0 and the row's extra seeds; NaN until all ran."""
+def _seed_finals(table: Table, row: Row, runs_dir: Path, preset: str, seed0: float) -> list[float]:
+    """The final metric of ``preset`` at seed 0 and at each extra seed; NaN for seeds not run yet."""
     from tasks import curves
 
     finals = [seed0]
-    for seed in row.fp32_seeds:
-        run_dir = table.run_dir(runs_dir, row, seed_run_name(seed))
-        if not (run_dir / "metrics.csv").is_file():
-            return math.nan
-        finals.append(curves.load_run(run_dir).final(row.metric))
-    return max(finals) - min(finals) if row.fp32_seeds else math.nan
+    for seed in row.seeds_of(preset):
+        run_dir = table.run_dir(runs_dir, row, seed_run_name(preset, seed))
+        finals.append(curves.load_run(run_dir).final(row.metric) if (run_dir / "metrics.csv").is_file()
+                      else math.nan)
+    return finals
 
 
 def _cell(value, markdown: bool = False) -> str:

@@ -96,20 +96,24 @@ def test_select_rows_keeps_only_the_named_rows_and_rejects_unknown_ones():
         tables.select_rows(table, ["no_such_row"])
 
 
-def test_fp32_seed_runs_give_the_noise_floor_column(tmp_path):
+def test_seed_runs_give_the_noise_floor_and_the_delta_of_means(tmp_path):
     mini = tables.load_table("classification", "mini")
-    row = dataclasses.replace(mini.rows[0], fp32_seeds=(1,))
+    row = dataclasses.replace(mini.rows[0], seeds=(("fp32", (1,)), ("int8", (1,))))
     table = dataclasses.replace(mini, rows=(row,))
     assert ("fp32", "fp32-seed1", ("trainer.seed=1",)) in table.runs(row)
+    assert ("int8", "int8-seed1", ("trainer.seed=1",)) in table.runs(row)
     runs_dir = tmp_path / "runs"
     _fake_run(runs_dir / row.name / "fp32", "fp32", [2.0] * 20, [(20, 97.5)])
     _fake_run(runs_dir / row.name / "int8", "int8", [2.2] * 20, [(20, 96.0)])
     _, csv_path = tables.aggregate(table, runs_dir, tmp_path / "results", "make")
     (record,) = list(csv.DictReader(open(csv_path)))
-    assert record["fp32_seed_spread"] == ""  # the seed run has not run yet
+    assert record["fp32_seed_spread"] == "" and record["delta_seed_mean"] == ""  # seed runs not run yet
     _fake_run(runs_dir / row.name / "fp32-seed1", "fp32", [2.1] * 20, [(20, 95.0)])
+    _fake_run(runs_dir / row.name / "int8-seed1", "int8", [2.1] * 20, [(20, 97.0)])
     md, csv_path = tables.aggregate(table, runs_dir, tmp_path / "results", "make")
     (record,) = list(csv.DictReader(open(csv_path)))
     assert float(record["fp32_seed_spread"]) == pytest.approx(2.5)
-    assert "seeds {0, 1}" in md.read_text()
-    assert (tmp_path / "results" / "classification" / "runs" / row.name / "fp32-seed1" / "metrics.csv").is_file()
+    assert float(record["int8_seed_spread"]) == pytest.approx(1.0)
+    assert float(record["delta_seed_mean"]) == pytest.approx((96.0 + 97.0) / 2 - (97.5 + 95.0) / 2)
+    assert "delta_seed_mean" in md.read_text()
+    assert (tmp_path / "results" / "classification" / "runs" / row.name / "int8-seed1" / "metrics.csv").is_file()
