@@ -214,14 +214,13 @@ def aggregate(table: Table, runs_dir: Path, out_dir: Path, command: str) -> tupl
 
 
 def _seed_finals(table: Table, row: Row, runs_dir: Path, preset: str, seed0: float) -> list[float]:
-    """The final metric of ``preset`` at seed 0 and at each extra seed; NaN for seeds not run yet."""
+    """The final metric of ``preset`` at seed 0 and at each extra seed; NaN for seeds not finished."""
     from tasks import curves
 
     finals = [seed0]
     for seed in row.seeds_of(preset):
         run_dir = table.run_dir(runs_dir, row, seed_run_name(preset, seed))
-        finals.append(curves.load_run(run_dir).final(row.metric) if (run_dir / "metrics.csv").is_file()
-                      else math.nan)
+        finals.append(curves.load_run(run_dir).final(row.metric) if (run_dir / DONE).is_file() else math.nan)
     return finals
 
 

@@ -110,6 +110,10 @@ def test_seed_runs_give_the_noise_floor_and_the_delta_of_means(tmp_path):
     assert record["fp32_seed_spread"] == "" and record["delta_seed_mean"] == ""  # seed runs not run yet
     _fake_run(runs_dir / row.name / "fp32-seed1", "fp32", [2.1] * 20, [(20, 95.0)])
     _fake_run(runs_dir / row.name / "int8-seed1", "int8", [2.1] * 20, [(20, 97.0)])
+    _, csv_path = tables.aggregate(table, runs_dir, tmp_path / "results", "make")
+    assert next(csv.DictReader(open(csv_path)))["fp32_seed_spread"] == ""  # metrics, but not finished
+    for seed_run in ("fp32-seed1", "int8-seed1"):
+        (runs_dir / row.name / seed_run / tables.DONE).write_text("1 s\n")
     md, csv_path = tables.aggregate(table, runs_dir, tmp_path / "results", "make")
     (record,) = list(csv.DictReader(open(csv_path)))
     assert float(record["fp32_seed_spread"]) == pytest.approx(2.5)
