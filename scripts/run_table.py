@@ -4,7 +4,8 @@
 
 Finished runs are skipped and killed ones resume from their checkpoint, so an interrupted table
 continues where it stopped. ``--rows`` trains only those rows (one process per row runs a table on
-several machines or cores over a shared runs dir); the aggregate always covers every row. ``--dry-run`` builds every config, model and optimiser without data.
+several machines or cores over a shared runs dir); the aggregate always covers every row.
+``--dry-run`` builds every config, model and optimiser without data.
 """
 from __future__ import annotations
 
