@@ -136,7 +136,7 @@ class IntSGD(torch.optim.Optimizer):
 
 
 def build_optimizer(params, numerics: Numerics, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
-    """torch.optim.SGD for float numerics (and the int8_fwd ablation), IntSGD otherwise."""
+    """torch.optim.SGD for float numerics and presets that ask for it (int8_fwd, int8_floatsgd), IntSGD otherwise."""
     if not numerics.integer or numerics.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, dampening=dampening,
                                weight_decay=weight_decay, nesterov=nesterov)

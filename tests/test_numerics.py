@@ -9,7 +9,7 @@ from intrain_core.numerics import PRESET_DIR
 
 def test_every_preset_file_loads_and_is_named_after_its_file():
     names = available_presets()
-    assert {"fp32", "int8", "int16", "int8_nearest", "int8_fwd"} <= set(names)
+    assert {"fp32", "int8", "int16", "int8_nearest", "int8_fwd", "int8_floatsgd"} <= set(names)
     for name in names:
         assert Numerics.preset(name).name == name
 
@@ -20,6 +20,8 @@ def test_presets_differ_in_what_their_names_say():
     assert dataclasses.replace(Numerics.preset("int16"), name="int8", description=int8.description, forward_bits=8, backward_bits=8) == int8
     assert Numerics.preset("int8_nearest").rounding == "nearest"
     assert Numerics.preset("int8_fwd").backward == "float"
+    int8_floatsgd = Numerics.preset("int8_floatsgd")
+    assert (int8_floatsgd.backward, int8_floatsgd.optimizer) == ("integer", "sgd")
 
 
 def test_unknown_preset_lists_the_valid_names():

@@ -158,4 +158,5 @@ def test_build_optimizer_follows_the_preset():
     p = [torch.nn.Parameter(torch.ones(2))]
     assert type(build_optimizer(p, Numerics.preset("fp32"), lr=0.1)) is torch.optim.SGD
     assert type(build_optimizer(p, Numerics.preset("int8_fwd"), lr=0.1)) is torch.optim.SGD
+    assert type(build_optimizer(p, Numerics.preset("int8_floatsgd"), lr=0.1)) is torch.optim.SGD
     assert isinstance(build_optimizer(p, Numerics.preset("int8"), lr=0.1, momentum=0.9), IntSGD)
