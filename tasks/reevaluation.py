@@ -1,0 +1,106 @@
+"""Evaluate a finished classification run's weights again, under other numerics presets.
+
+An integer validation pass rounds stochastically, so its score is one draw: the same weights
+score differently under another rounding seed. Scoring one checkpoint in fp32 and in an integer
+preset under several rounding seeds separates what training learned (the fp32 score of the
+weights) from what integer inference costs and from the rounding noise of a single pass.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import statistics
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from intrain_core import Numerics, convert
+from tasks.checkpoint import LAST, load_checkpoint
+from tasks.classification import ConfigError, _loader, build_model, evaluate, resolve_device
+
+METRICS = ("val/acc1", "val/loss")
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    run: str
+    trained_with: str
+    evaluated_with: str
+    rounding_seed: int | None  # None: a float evaluation, which draws nothing
+    metrics: dict[str, float]
+
+
+def evaluate_run(run_dir: str | Path, presets: list[str], rounding_seeds: list[int],
+                 device: str = "cpu") -> list[Evaluation]:
+    """One evaluation per float preset and per (integer preset, rounding seed), on the run's own
+    validation split, batch size and ``limit_val_batches``."""
+    from tasks.datasets import build_datasets
+
+    run_dir = Path(run_dir)
+    checkpoint = load_checkpoint(run_dir / LAST)
+    config = checkpoint["config"]
+    family = config["task"].get("family", "classification")
+    if family != "classification":
+        raise ConfigError(f"{run_dir} is a {family} run; re-evaluation covers classification runs only")
+    numerics = {name: Numerics.preset(name) for name in presets}  # unknown names fail before any work
+    ds, tr = config["dataset"], config["trainer"]
+    splits = build_datasets(ds["name"], root=ds["root"], image_size=int(ds["image_size"]), augment=bool(ds["augment"]))
+    torch_device = resolve_device(device)
+    loader = _loader(splits.val, list(range(len(splits.val))), int(tr["eval_batch_size"]), 0, torch_device,
+                     int(tr["seed"]), drop_last=False)
+    limit = tr.get("limit_val_batches")
+
+    def score(preset: Numerics) -> dict[str, float]:
+        model = build_model(OmegaConf.create(config["task"]), splits.num_classes, splits.in_channels,
+                            int(ds["image_size"]))
+        model.load_state_dict(checkpoint["model"])
+        model = convert(model.to(torch_device), preset)
+        return evaluate(model, loader, torch_device, splits.num_classes, limit)
+
+    trained_with = config["numerics"]["name"]
+    results = []
+    for name, preset in numerics.items():
+        seeds = rounding_seeds if preset.integer else [None]
+        for seed in seeds:
+            metrics = score(preset if seed is None else dataclasses.replace(preset, seed=seed))
+            results.append(Evaluation(str(run_dir), trained_with, name, seed, metrics))
+    return results
+
+
+def summarise(evaluations: list[Evaluation]) -> list[dict[str, object]]:
+    """Per (run, evaluation preset): mean, min and max of each metric over the rounding seeds."""
+    groups: dict[tuple[str, str, str], list[Evaluation]] = {}
+    for e in evaluations:
+        groups.setdefault((e.run, e.trained_with, e.evaluated_with), []).append(e)
+    rows = []
+    for (run, trained_with, evaluated_with), group in groups.items():
+        row: dict[str, object] = {"run": run, "trained_with": trained_with, "evaluated_with": evaluated_with,
+                                  "passes": len(group)}
+        for metric in METRICS:
+            values = [e.metrics[metric] for e in group]
+            row[f"{metric}_mean"] = statistics.fmean(values)
+            row[f"{metric}_min"], row[f"{metric}_max"] = min(values), max(values)
+        rows.append(row)
+    return rows
+
+
+def write_summary(rows: list[dict[str, object]], prefix: Path, command: str) -> tuple[Path, Path]:
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = prefix.with_suffix(".csv"), prefix.with_suffix(".md")
+    columns = list(rows[0])
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def cell(value: object) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = [f"Command: `{command}`", "",
+             "Each checkpoint scored again per evaluation preset; an integer preset once per rounding seed "
+             "(mean, min and max over those passes).", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
+    md_path.write_text("\n".join(lines) + "\n")
+    return md_path, csv_path
