@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed
 
 # Paper tables: SCALE=mini (this CPU, embedded data) or SCALE=paper (real datasets, GPUs; see README).
 SCALE ?= mini
+# JOBS: runs trained at once, the cores split between them.
+JOBS ?= 1
 TABLES := classification detection segmentation ablation
 
 # The main job: ResNet-18 on the embedded digits (16x16: the 8x8 originals lose nothing), fp32
@@ -39,7 +41,7 @@ test: install
 	$(PY) -m pytest -q -n 2 tests
 
 $(addprefix table-,$(TABLES)): install
-	$(PY) scripts/run_table.py $(@:table-%=%) --scale $(SCALE)
+	$(PY) scripts/run_table.py $(@:table-%=%) --scale $(SCALE) --jobs $(JOBS)
 
 tables: $(addprefix table-,$(TABLES))
 

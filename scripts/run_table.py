@@ -1,10 +1,12 @@
 """Train every row of a paper table in each of its numerics presets, then aggregate.
 
-    python scripts/run_table.py TABLE [--scale mini|paper] [--rows ROW...] [--runs-dir DIR] [--dry-run]
+    python scripts/run_table.py TABLE [--scale mini|paper] [--rows ROW...] [--jobs N] [--runs-dir DIR]
+                                [--dry-run]
 
 Finished runs are skipped and killed ones resume from their checkpoint, so an interrupted table
 continues where it stopped. ``--rows`` trains only those rows (one process per row runs a table on
 several machines or cores over a shared runs dir); the aggregate always covers every row.
+``--jobs N`` trains N runs at once on this machine, the cores split between them.
 ``--dry-run`` builds every config, model and optimiser without data.
 """
 from __future__ import annotations
@@ -26,8 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-dir", type=Path, help="default: runs/tables/<table>-<scale>")
     parser.add_argument("--results", type=Path, default=ROOT / "results")
     parser.add_argument("--rows", nargs="+", metavar="ROW", help="train only these rows (default: all)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N", help="train N runs at once (default 1)")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     table = tables.load_table(args.table, args.scale)
     training = tables.select_rows(table, args.rows) if args.rows else table
     runs_dir = (args.runs_dir or tables.default_runs_dir(table)).resolve()
@@ -37,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"[{table.name}] {table.scale}: {len(training.rows)} rows x {list(table.presets)}, "
           f"about {sum(r.minutes for r in training.rows):.0f} minutes on {table.hardware}", flush=True)
-    tables.run_table(training, runs_dir)
+    tables.run_table(training, runs_dir, args.jobs)
     command = f"make table-{table.name} SCALE={table.scale}"
     md, csv_path = tables.aggregate(table, runs_dir, args.results, command)
     print(md.read_text())

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -103,8 +105,16 @@ def has_checkpoint(run_dir: Path) -> bool:
     return (run_dir / "last.ckpt").is_file() or (run_dir / "last_checkpoint").is_file()
 
 
-def run_table(table: Table, runs_dir: Path) -> None:
-    """Every (row, preset) in order; finished runs are skipped, killed ones resumed."""
+def run_table(table: Table, runs_dir: Path, jobs: int = 1) -> None:
+    """Every (row, preset) in order; finished runs are skipped, killed ones resumed.
+
+    With ``jobs`` > 1, that many train.py processes run at once, the cores split evenly between
+    them, each one's console output in ``<run dir>.console.log``. A failed run does not stop the
+    others; the failures are reported together at the end.
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    pending = []
     for row in table.rows:
         for preset, run_name, extra in table.runs(row):
             run_dir = table.run_dir(runs_dir, row, run_name)
@@ -117,13 +127,46 @@ def run_table(table: Table, runs_dir: Path) -> None:
                 print(f"[{table.name}] {row.name} {run_name}: done already ({run_dir})", flush=True)
                 continue
             resume = has_checkpoint(run_dir)
-            if run_dir.exists() and not resume:
-                shutil.rmtree(run_dir)  # stopped before its first checkpoint: nothing to keep
-            print(f"[{table.name}] {row.name} {run_name}: {'resuming' if resume else 'training'} -> {run_dir}",
-                  flush=True)
-            start = time.monotonic()
-            subprocess.run(train_command(row, preset, run_name, extra, runs_dir, resume), cwd=ROOT, check=True)
-            (run_dir / DONE).write_text(f"{time.monotonic() - start:.0f} s\n{setting}\n")
+            command = train_command(row, preset, run_name, extra, runs_dir, resume)
+            pending.append((f"[{table.name}] {row.name} {run_name}", run_dir, setting, command, resume))
+    if jobs == 1:
+        for run in pending:
+            _train_one(*run)
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [(pool.submit(_train_one, *run, env=env), run) for run in pending]
+    failures = []
+    for future, (label, run_dir, *_) in futures:
+        if future.exception() is not None:
+            failures.append(f"{label} ({future.exception()}; log: {console_log(run_dir)})")
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {len(pending)} runs failed: " + "; ".join(failures) +
+                           ". The finished runs are kept: fix the cause and run the same command again.")
+
+
+def console_log(run_dir: Path) -> Path:
+    return run_dir.with_name(run_dir.name + ".console.log")
+
+
+def _train_one(label: str, run_dir: Path, setting: str, command: list[str], resume: bool,
+               env: dict | None = None) -> None:
+    """One train.py call; ``env`` given: a parallel job, its output into the console log."""
+    if run_dir.exists() and not resume:
+        shutil.rmtree(run_dir)  # stopped before its first checkpoint: nothing to keep
+    print(f"{label}: {'resuming' if resume else 'training'} -> {run_dir}", flush=True)
+    start = time.monotonic()
+    if env is None:
+        subprocess.run(command, cwd=ROOT, check=True)
+    else:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(console_log(run_dir), "a") as log:
+            subprocess.run(command, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT,
+                           stdin=subprocess.DEVNULL, env=env)
+    seconds = time.monotonic() - start
+    (run_dir / DONE).write_text(f"{seconds:.0f} s\n{setting}\n")
+    if env is not None:
+        print(f"{label}: finished in {seconds:.0f} s", flush=True)
 
 
 # --- aggregation ---------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import sys
 
 import pytest
 
@@ -121,3 +122,41 @@ def test_seed_runs_give_the_noise_floor_and_the_delta_of_means(tmp_path):
     assert float(record["delta_seed_mean"]) == pytest.approx((96.0 + 97.0) / 2 - (97.5 + 95.0) / 2)
     assert "delta_seed_mean" in md.read_text()
     assert (tmp_path / "results" / "classification" / "runs" / row.name / "int8-seed1" / "metrics.csv").is_file()
+
+
+def _fake_train_command(timeline, fail_run=None):
+    """A train.py stand-in: notes when it runs and with how many threads, fails for ``fail_run``."""
+    script = ("import os, sys, time; from pathlib import Path\n"
+              "run_dir, timeline, fail = Path(sys.argv[1]), sys.argv[2], sys.argv[3]\n"
+              "start = time.time(); time.sleep(1.0)\n"
+              "open(timeline, 'a').write(f\"{run_dir.name} {start} {time.time()} {os.environ.get('OMP_NUM_THREADS')}\\n\")\n"
+              "if run_dir.name == fail: print('boom'); sys.exit(3)\n"
+              "run_dir.mkdir(parents=True, exist_ok=True)\n")
+
+    def command(row, preset, run_name, extra, runs_dir, resume):
+        return [sys.executable, "-c", script, str(runs_dir / row.name / run_name), str(timeline), str(fail_run)]
+    return command
+
+
+def test_parallel_jobs_overlap_and_report_every_failure_at_the_end(tmp_path, monkeypatch):
+    mini = tables.load_table("classification", "mini")
+    row = dataclasses.replace(mini.rows[0], seeds=(("fp32", (1,)),))
+    table = dataclasses.replace(mini, rows=(row,))
+    timeline = tmp_path / "timeline.txt"
+    monkeypatch.setattr(tables, "train_command", _fake_train_command(timeline, fail_run="int8"))
+    monkeypatch.setattr(tables.os, "cpu_count", lambda: 4)
+    with pytest.raises(RuntimeError, match=r"1 of 3 runs failed: \[classification\] \S+ int8 .*int8\.console\.log"):
+        tables.run_table(table, tmp_path, jobs=2)
+    spans = {name: (float(a), float(b), threads)
+             for name, a, b, threads in (line.split() for line in timeline.read_text().splitlines())}
+    assert set(spans) == {"fp32", "int8", "fp32-seed1"} and {s[2] for s in spans.values()} == {"2"}
+    first, second = spans["fp32"], spans["int8"]
+    assert first[0] < second[1] and second[0] < first[1]  # the first two ran at the same time
+    assert "boom" in (tmp_path / row.name / "int8.console.log").read_text()
+    done = {run for run in ("fp32", "int8", "fp32-seed1") if (tmp_path / row.name / run / tables.DONE).is_file()}
+    assert done == {"fp32", "fp32-seed1"}  # the failure did not stop the run queued after it
+
+    timeline.unlink()
+    monkeypatch.setattr(tables, "train_command", _fake_train_command(timeline))
+    tables.run_table(table, tmp_path, jobs=2)
+    assert [line.split()[0] for line in timeline.read_text().splitlines()] == ["int8"]  # only what had failed
