@@ -234,8 +234,8 @@ def aggregate(table: Table, runs_dir: Path, out_dir: Path, command: str) -> tupl
               "Final validation metric per numerics preset (same seed and data order); "
               + ("delta = integer - fp32 in the metric's unit (points); trajectory gap" if two_way else
                  "gap_<preset> = that preset's trajectory gap against fp32")
-              + " = mean over steps of |L_int - L_fp32| / L_fp32 on smoothed training losses; minutes = wall "
-              "time of all presets of the row."
+              + " = mean over steps of |L_int - L_fp32| / L_fp32 on smoothed training losses; minutes = the "
+              "sum of the wall times of the row's preset runs."
               + (" <preset>_seed_spread = max - min of that preset's metric over seed 0 and the row's extra "
                  "seeds (its own noise, the scale a delta is read on; seed runs are not in minutes)."
                  if seeded else "")
