@@ -184,7 +184,7 @@ def aggregate(table: Table, runs_dir: Path, out_dir: Path, command: str) -> tupl
     header += ["delta", "trajectory_gap"] if two_way else [f"gap_{p}" for p in integer]
     header += [f"{p}_seed_spread" for p in seeded] + (["delta_seed_mean"] if mean_delta else [])
     header += ["minutes"]
-    lines, records, missing = [], [], []
+    lines, records, missing, trained_at = [], [], [], []
     figure_dir = out_dir / table.name
     for row in table.rows:
         dirs = {p: table.run_dir(runs_dir, row, p) for p in table.presets}
@@ -217,9 +217,12 @@ def aggregate(table: Table, runs_dir: Path, out_dir: Path, command: str) -> tupl
             if not run_dir.is_dir():
                 continue
             evidence.mkdir(parents=True, exist_ok=True)
-            for name in ("metrics.csv", "config.yaml", "coverage.txt"):
+            for name in ("metrics.csv", "config.yaml", "coverage.txt", "run_info.yaml"):
                 if (run_dir / name).is_file():
                     shutil.copyfile(run_dir / name, evidence / name)
+            commit = _trained_at(run_dir)
+            if commit and commit not in trained_at:
+                trained_at.append(commit)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out_dir / f"{table.name}.csv", out_dir / f"{table.name}.md"
@@ -229,8 +232,12 @@ def aggregate(table: Table, runs_dir: Path, out_dir: Path, command: str) -> tupl
         writer.writerows({k: _cell(v) for k, v in r.items()} for r in records)
 
     lines += [f"# {table.name} ({table.scale} scale)", "",
-              f"Command: `{command}`  ", f"Commit: `{git_commit()}`, {time.strftime('%Y-%m-%d')}; "
+              f"Command: `{command}`  ", f"Aggregated at commit `{git_commit()}`, {time.strftime('%Y-%m-%d')}; "
               f"hardware: {table.hardware}.  ",
+              "Runs trained at commit" + ("s " if len(trained_at) > 1 else " ")
+              + (", ".join(f"`{c}`" for c in trained_at) or "(unknown)")
+              + (" (+: with uncommitted changes)" if any(c.endswith("+") for c in trained_at) else "")
+              + "; each run's run_info.yaml is in the evidence folder.  ",
               "Final validation metric per numerics preset (same seed and data order); "
               + ("delta = integer - fp32 in the metric's unit (points); trajectory gap" if two_way else
                  "gap_<preset> = that preset's trajectory gap against fp32")
@@ -254,6 +261,16 @@ def aggregate(table: Table, runs_dir: Path, out_dir: Path, command: str) -> tupl
         lines += ["", f"Not run yet: {', '.join(missing)}."]
     md_path.write_text("\n".join(lines) + "\n")
     return md_path, csv_path
+
+
+def _trained_at(run_dir: Path) -> str | None:
+    """The short git commit a run was trained at, '+' when that tree had uncommitted changes."""
+    path = run_dir / "run_info.yaml"
+    if not path.is_file():
+        return None
+    info = yaml.safe_load(path.read_text()) or {}
+    commit = str(info.get("git_commit") or "")[:7]
+    return commit + ("+" if info.get("git_dirty") else "") if commit else None
 
 
 def _seed_finals(table: Table, row: Row, runs_dir: Path, preset: str, seed0: float) -> list[float]:

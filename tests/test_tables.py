@@ -66,6 +66,7 @@ def test_aggregate_writes_deltas_and_gaps_from_the_runs(tmp_path):
     fp_losses, int_losses = [2.0] * 20, [2.2] * 20  # a constant 10% gap
     _fake_run(runs_dir / row.name / "fp32", "fp32", fp_losses, [(10, 90.0), (20, 97.5)])
     _fake_run(runs_dir / row.name / "int8", "int8", int_losses, [(10, 88.0), (20, 96.0)])
+    (runs_dir / row.name / "int8" / "run_info.yaml").write_text("git_commit: abcdef123456\ngit_dirty: true\n")
     md, csv_path = tables.aggregate(table, runs_dir, tmp_path / "results", "make table-classification SCALE=mini")
     (record,) = list(csv.DictReader(open(csv_path)))
     assert record["row"] == row.name and record["metric"] == "val/acc1"
@@ -75,6 +76,7 @@ def test_aggregate_writes_deltas_and_gaps_from_the_runs(tmp_path):
     assert math.isclose(float(record["minutes"]), 2 * 120 / 60)
     text = md.read_text()
     assert "make table-classification SCALE=mini" in text and f"{row.name}.png" in text
+    assert "Runs trained at commit `abcdef1+` (+: with uncommitted changes)" in text
     assert "Not run yet" in text and table.rows[1].name in text  # the missing row is named, not dropped
     assert (tmp_path / "results" / "classification" / f"{row.name}.png").stat().st_size > 0
     assert (tmp_path / "results" / "classification" / "runs" / row.name / "int8" / "metrics.csv").is_file()
