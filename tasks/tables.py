@@ -136,10 +136,8 @@ def run_table(table: Table, runs_dir: Path, jobs: int = 1) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = [(pool.submit(_train_one, *run, env=env), run) for run in pending]
-    failures = []
-    for future, (label, run_dir, *_) in futures:
-        if future.exception() is not None:
-            failures.append(f"{label} ({future.exception()}; log: {console_log(run_dir)})")
+    failures = [f"{label} ({future.exception()}; log: {console_log(run_dir)})"
+                for future, (label, run_dir, *_) in futures if future.exception() is not None]
     if failures:
         raise RuntimeError(f"{len(failures)} of {len(pending)} runs failed: " + "; ".join(failures) +
                            ". The finished runs are kept: fix the cause and run the same command again.")
