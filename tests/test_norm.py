@@ -163,3 +163,33 @@ def test_nan_input_names_the_layer():
     x[0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="encoder.norm1"):
         norm.layer_norm(make_ctx(), x, (4,), layer="encoder.norm1")
+
+
+def test_channel_of_equal_values_is_scaled_by_eps_as_in_float():
+    # Batch norm over 4 values of magnitude ~4 (an image-pool branch at batch 4): eps n**2 in
+    # the variance's units (2**(2s), s = -4) is 0.04, which a plain rounding loses. Channel 1's
+    # values are equal and exact on the 8-bit grid, so var = 0 exactly and rstd = 1/sqrt(eps)
+    # in both arithmetics. Its dx = rstd (dy - mean dy): the 8-bit mapping of dy moves each
+    # element by less than one step, max|dy| 2**-(b-2), so (dy - mean dy) by less than two;
+    # eps (24 bits) and the reciprocal (31 bits) add a relative 2**-22 at most.
+    x = torch.tensor([[-4.0, 1.5], [4.0, 1.5], [2.0, 1.5], [-2.0, 1.5]]).view(4, 2, 1, 1)
+    dy = torch.tensor([[0.5, 1.0], [-0.25, -0.5], [0.125, 0.75], [-1.0, 0.25]]).view(4, 2, 1, 1)
+    leaf_f, leaf_i = x.double().requires_grad_(), x.clone().requires_grad_()
+    F.batch_norm(leaf_f, None, None, None, None, True, 0.1, 1e-5).backward(dy.double())
+    norm.batch_norm(make_ctx(), leaf_i, None, None, None, None, True, 0.1, 1e-5).backward(dy)
+    rstd = 1e-5 ** -0.5
+    bound = rstd * 2 * step(dy, 8) * (1 + 2.0**-22)
+    error = (leaf_i.grad.double() - leaf_f.grad)[:, 1].abs().max()
+    assert error <= bound, (float(error), bound)
+
+
+def test_evaluation_with_zero_running_variance_divides_by_sqrt_eps():
+    # The input is on the 8-bit grid (step 2**-4 for max 4), so only the statistics differ:
+    # eps with 24 bits and the 31-bit reciprocal give a relative 2**-22 on rstd, and xhat keeps
+    # FRACTION_BITS fractional bits (half a unit of rounding).
+    x = torch.tensor([[-4.0, 1.5625], [4.0, 1.5625], [2.0, 1.5625], [-2.0, 1.5625]]).view(4, 2, 1, 1)
+    mean, var = torch.tensor([0.5, 1.5]), torch.tensor([9.0, 0.0])
+    expected = F.batch_norm(x.double(), mean.double(), var.double(), None, None, False, 0.1, 1e-5)
+    y = norm.batch_norm(make_ctx(), x, mean, var, None, None, False, 0.1, 1e-5)
+    bound = expected.abs() * 2.0**-22 + 2.0 ** -(FRACTION_BITS + 1)
+    assert ((y.double() - expected).abs() <= bound).all(), (y - expected).abs().max()

@@ -30,6 +30,8 @@ FRACTION_BITS = 16
 # 31-bit quantity, so every product stays below 2**62.
 OPERAND_BITS = 31
 STATISTICS_BITS = 32  # running mean/var as fixed point while they are updated
+# eps is kept to float32's precision: it is all of var + eps for a channel of equal values.
+EPS_BITS = 24
 
 
 def bit_length(v: torch.Tensor) -> torch.Tensor:
@@ -82,6 +84,28 @@ def reciprocal_sqrt(v: torch.Tensor, exponent: int) -> tuple[torch.Tensor, torch
     return inv, p - 61 - exponent // 2
 
 
+def _exponent_of(value: float) -> int:
+    """floor(log2(value)) of a positive float."""
+    return math.frexp(value)[1] - 1
+
+
+def _eps_shift(eps_value: float, exponent: int, variance: torch.Tensor) -> int:
+    """The even left shift of ``variance`` (units 2**exponent) that gives ``eps_value`` EPS_BITS
+    significant bits, as far as int64 allows.
+
+    In the variance's own units eps is ``eps_value * 2**-exponent``: below one unit when few
+    values share a large exponent (batch norm over 4 values of magnitude 1: eps n**2 = 1.6e-4
+    with units of 2**-10). Rounded there, it vanishes, a channel of equal values gets
+    var + eps = 0 instead of eps, and its backward scales gradients by far more than 1/sqrt(eps).
+    """
+    if eps_value <= 0:
+        return 0
+    wanted = EPS_BITS - 1 - (_exponent_of(eps_value) - exponent)
+    top = int(bit_length(variance.abs().amax().reshape(1))[0]) if variance.numel() else 0
+    shift = max(0, min(wanted, 61 - top))
+    return shift - shift % 2
+
+
 def to_common_exponent(mantissa: torch.Tensor, exponent: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Per-group exponents onto the largest one (rounded right shifts): one shared exponent."""
     top = int(exponent.max())
@@ -104,8 +128,9 @@ class IntegerNorm(torch.autograd.Function):
             s2 = (m * m).sum(1)
             c = count * m - s1[:, None]
             variance = count * s2 - s1 * s1
-            eps_int = to_fixed_at(torch.tensor([eps * count * count]), 2 * xq.exponent, 2**62, "nearest").mantissa
-            inv, inv_exp = reciprocal_sqrt(variance + int(eps_int), 0)
+            shift = _eps_shift(eps * count * count, 2 * xq.exponent, variance)
+            eps_int = to_fixed_at(torch.tensor([eps * count * count]), 2 * xq.exponent - shift, 2**62, "nearest").mantissa
+            inv, inv_exp = reciprocal_sqrt(((variance << shift) + int(eps_int)).clamp(min=1), -shift)
             c_exp = 0
             if running is not None:
                 _update_running(ctx, running, momentum, s1, variance, count, xq.exponent, layer)
@@ -115,7 +140,9 @@ class IntegerNorm(torch.autograd.Function):
             mean_fixed = to_fixed_at(mean_r.detach().float(), c_exp, 2**62, "nearest", where=ctx.where(op, "running_mean", layer)).mantissa
             c = (m << FRACTION_BITS) - mean_fixed.long()[:, None]
             v = to_fixed(var_r.detach().float(), STATISTICS_BITS, "nearest", where=ctx.where(op, "running_var", layer))
-            v_exp = v.exponent - (v.exponent % 2)  # even, for the square root
+            # eps keeps EPS_BITS where the variances leave room (a channel's may be 0); even, for the root
+            v_exp = max(v.exponent - (62 - STATISTICS_BITS), min(v.exponent, _exponent_of(eps) - EPS_BITS))
+            v_exp -= v_exp % 2
             v_int = v.mantissa.long() << (v.exponent - v_exp)
             v_int = v_int + to_fixed_at(torch.tensor([eps]), v_exp, 2**62, "nearest").mantissa.long()
             inv, inv_exp = reciprocal_sqrt(v_int.clamp(min=1), v_exp)

@@ -1,0 +1,115 @@
+"""Train a finished segmentation run again from step 0 to ``STEPS`` with the same config, and log
+per parameter and step: gradient, weight and update norms, and the integer context's counters;
+per batch-norm layer and step: values per channel, the share of channels whose batch spread is
+below one 8-bit step of the layer's input, and the gain max|dL/dx| / max|dL/dy| of its backward.
+The trace only reads tensors, so it draws nothing from the rounding streams: an int8 retrace
+repeats the run bit for bit (checked against the run's metrics.csv at the end).
+
+    python results/segmentation/deeplabv3_600_cause/trace_steps.py RUN_DIR OUT_DIR [STEPS]
+"""
+import csv
+import importlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+from mmengine.hooks import Hook  # noqa: E402
+from mmengine.registry import HOOKS  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+import tasks.openmmlab_hooks  # noqa: E402,F401  (registers IntSGD and the hooks)
+from intrain_core import context_of  # noqa: E402
+
+BN_FIELDS = ["step", "layer", "values_per_channel", "channels_below_one_step", "backward_gain"]
+FIELDS = ["step", "param", "grad_norm", "grad_absmax", "weight_norm", "update_norm"]
+
+
+@HOOKS.register_module(force=True)
+class StepTraceHook(Hook):
+    priority = "LOW"  # after IntegerNumericsHook has converted the model
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+
+    def before_train(self, runner) -> None:
+        model = getattr(runner.model, "module", runner.model)
+        names = {p: n for n, p in model.named_parameters()}
+        optimizer = runner.optim_wrapper.optimizer
+        ctx = context_of(model)
+        rows = csv.writer(open(self.out_dir / "params.csv", "w", newline=""))
+        rows.writerow(FIELDS)
+        counters = csv.writer(open(self.out_dir / "counters.csv", "w", newline=""))
+        counters.writerow(["step", "clamps", "widenings", "nonfinite"])
+        original_step = optimizer.step
+
+        def traced_step(*args, **kwargs):
+            step = runner.iter + 1
+            before = {p: (p.detach().clone(), p.grad.detach().clone()) for p in names if p.grad is not None}
+            result = original_step(*args, **kwargs)
+            for p, (w0, g) in before.items():
+                rows.writerow([step, names[p], f"{g.norm():.6g}", f"{g.abs().max():.6g}",
+                               f"{p.detach().norm():.6g}", f"{(p.detach() - w0).norm():.6g}"])
+            if ctx is not None:
+                counters.writerow([step] + [ctx.counters.get(k, 0) for k in ("clamps", "widenings", "nonfinite")])
+            return result
+
+        optimizer.step = traced_step
+        bn_rows = csv.writer(open(self.out_dir / "bn.csv", "w", newline=""))
+        bn_rows.writerow(BN_FIELDS)
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.register_forward_hook(self._bn_probe(runner, name, bn_rows))
+
+    @staticmethod
+    def _bn_probe(runner, name, bn_rows):
+        """Reads the layer's input and the two gradients; changes nothing."""
+        def probe(module, inputs, output):
+            x = inputs[0]
+            if not (module.training and torch.is_grad_enabled() and x.requires_grad):
+                return
+            # numpy: a torch op here would run inside intrain's IntegerMode and draw rounding noise
+            grouped = np.swapaxes(x.detach().numpy(), 0, 1).reshape(x.shape[1], -1)
+            step_8bit = 2.0 ** (np.floor(np.log2(np.abs(grouped).max())) - 6)  # NUMERICS.md section 1
+            below = float(((grouped.max(1) - grouped.min(1)) < step_8bit).mean())
+            seen = {}
+            output.register_hook(lambda g: seen.__setitem__("dy", float(g.abs().max())))
+
+            def on_input_grad(g):
+                gain = float(g.abs().max()) / max(seen.get("dy", 0.0), 1e-30)
+                bn_rows.writerow([runner.iter + 1, name, grouped.shape[1], f"{below:.4f}", f"{gain:.4g}"])
+
+            x.register_hook(on_input_grad)
+        return probe
+
+
+run_dir, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
+steps = int(sys.argv[3]) if len(sys.argv) > 3 else 260
+if out_dir.exists() and any(out_dir.iterdir()):
+    # A run writes its coverage report with one undone step that still advances the rounding
+    # streams; an out dir that has one skips that step, and the retrace would differ.
+    sys.exit(f"{out_dir} is not empty: give a new folder")
+out_dir.mkdir(parents=True)
+cfg = Config.fromfile(run_dir / "mm_config.py")
+for module in cfg.get("custom_imports", {}).get("imports", []):
+    importlib.import_module(module)
+cfg.work_dir = str(out_dir)
+cfg.train_cfg.max_iters = steps
+for hook in cfg.custom_hooks:
+    hook["run_dir"] = str(out_dir)
+    hook.pop("wandb", None)
+cfg.custom_hooks.append(dict(type="StepTraceHook", out_dir=str(out_dir)))
+Runner.from_cfg(cfg).train()
+
+# The retrace must be the run itself: compare the training losses step by step.
+def losses(path: Path) -> dict[int, str]:
+    with open(path) as f:
+        return {int(r["step"]): r["train/loss"] for r in csv.DictReader(f) if r["train/loss"]}
+
+original, retrace = losses(run_dir / "metrics.csv"), losses(out_dir / "metrics.csv")
+differ = [s for s in retrace if original.get(s) != retrace[s]]
+print(f"retrace of {run_dir}: {len(retrace)} steps, {len(differ)} with a loss that differs from the run's"
+      + (f" (first: step {differ[0]})" if differ else ""))
