@@ -482,7 +482,8 @@ def _train(cfg, config, run_dir, numerics, device, checkpoint, ckpt_path, splits
 
 
 def _coverage(model, optimizer, criterion, train_set, device, batch_size, run_dir) -> dict[str, Any]:
-    """Coverage of one training step, written to coverage.txt/.json; the step is then undone."""
+    """Coverage of one training step, written to coverage.txt/.json. The step is then undone
+    (weights, BN statistics, optimiser state, global RNGs); the rounding streams go on after its draws."""
     n = min(batch_size, 32, len(train_set))
     samples = [train_set[i] for i in range(n)]
     x = torch.stack([s[0] for s in samples]).to(device)

@@ -133,7 +133,9 @@ class IntegerNumericsHook(Hook):
             ctx.load_state_dict(self._resumed_context)
 
     def _write_coverage(self, runner) -> None:
-        """One real training step's op report; the step is undone (weights, BN stats, RNGs)."""
+        """One real training step's op report. The step is undone (weights, BN statistics, optimiser
+        state, global RNGs), but the integer rounding streams go on after its draws: a run whose
+        folder already has coverage.json skips the step and draws a different stream."""
         from mmengine.dataset import pseudo_collate
 
         model = _model_of(runner)

@@ -86,9 +86,11 @@ def git_commit(cwd: Path = REPO_ROOT) -> str:
 
 
 def git_dirty(cwd: Path = REPO_ROOT) -> bool | None:
+    """Uncommitted changes to tracked files other than results/, which the table aggregation
+    itself rewrites between the runs of a queue."""
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"],
+                             cwd=cwd, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return bool(out.stdout.strip()) if out.returncode == 0 else None

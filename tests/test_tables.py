@@ -4,12 +4,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import subprocess
 import sys
 
 import pytest
 
 from tasks import tables
-from tasks.run_logging import MetricsCSV
+from tasks.run_logging import MetricsCSV, git_dirty
 
 
 def test_every_table_has_both_scales_and_fp32():
@@ -162,3 +163,21 @@ def test_parallel_jobs_overlap_and_report_every_failure_at_the_end(tmp_path, mon
     monkeypatch.setattr(tables, "train_command", _fake_train_command(timeline))
     tables.run_table(table, tmp_path, jobs=2)
     assert [line.split()[0] for line in timeline.read_text().splitlines()] == ["int8"]  # only what had failed
+
+
+def test_rewritten_results_do_not_mark_a_tree_dirty(tmp_path):
+    # Runs of a queue start after earlier tables rewrote results/: their commit is still clean.
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "table.md").write_text("old\n")
+    (tmp_path / "train.py").write_text("old\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    assert git_dirty(tmp_path) is False
+    (tmp_path / "results" / "table.md").write_text("new\n")
+    assert git_dirty(tmp_path) is False
+    (tmp_path / "train.py").write_text("new\n")
+    assert git_dirty(tmp_path) is True
