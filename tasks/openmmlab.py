@@ -154,7 +154,8 @@ def build_mm_config(cfg: DictConfig, run_dir: Path, family: Family, resume_step:
                   wandb=OmegaConf.to_container(cfg.logger, resolve=True) if cfg.logger.get("wandb") else None,
                   config=OmegaConf.to_container(cfg, resolve=True))]
     if numerics["integer"]:
-        hooks.insert(0, dict(type="IntegerNumericsHook", numerics=numerics, run_dir=str(run_dir)))
+        hooks.insert(0, dict(type="IntegerNumericsHook", numerics=numerics, run_dir=str(run_dir),
+                             restore_context=bool(tr.resume)))
     mm.custom_hooks = hooks
     mm.work_dir = str(run_dir)
     mm.randomness = dict(seed=int(tr.seed), deterministic=bool(tr.deterministic) and _cuda(tr))

@@ -92,10 +92,13 @@ class IntegerNumericsHook(Hook):
 
     priority = "VERY_HIGH"
 
-    def __init__(self, numerics: dict, run_dir: str, coverage_samples: int = 2):
+    def __init__(self, numerics: dict, run_dir: str, coverage_samples: int = 2, restore_context: bool = True):
         self.numerics = Numerics.from_dict(dict(numerics))
         self.run_dir = Path(run_dir)
         self.coverage_samples = coverage_samples
+        # Only a resume continues the checkpoint's rounding streams; weights that start a new run
+        # (task.checkpoint) leave this run's own, seeded by numerics.seed.
+        self.restore_context = restore_context
         self._resumed_context: dict | None = None
 
     def _convert(self, runner) -> None:
@@ -127,6 +130,8 @@ class IntegerNumericsHook(Hook):
             checkpoint["intrain_integer_context"] = ctx.state_dict()
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        if not self.restore_context:
+            return
         self._resumed_context = checkpoint.get("intrain_integer_context")
         ctx = context_of(_model_of(runner))
         if ctx is not None and self._resumed_context is not None:

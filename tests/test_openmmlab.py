@@ -138,3 +138,23 @@ def test_coco_from_a_local_folder_trains_with_the_zoo_pipeline(tmp_path, runs_di
     assert float(rows[0]["train/loss"]) > 0 and rows[-1]["val/bbox_mAP"] != ""
     mm_config = (run_dir / "mm_config.py").read_text()
     assert str(coco) in mm_config and "data/coco" not in mm_config
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_only_a_resume_continues_the_checkpoint_s_rounding_streams(tmp_path, resume):
+    import torch
+    from types import SimpleNamespace
+
+    from intrain_core import Numerics, context_of
+    from intrain_core.context import IntegerContext
+    from tasks.openmmlab_hooks import IntegerNumericsHook
+
+    saved = IntegerContext(Numerics.preset("int8"))
+    torch.rand(5, generator=saved.generator(torch.device("cpu")))  # a stream some steps in
+    numerics = {**Numerics.preset("int8").to_dict(), "seed": 3}
+    hook = IntegerNumericsHook(numerics, str(tmp_path), restore_context=resume)
+    runner = SimpleNamespace(model=torch.nn.Linear(2, 2))
+    hook.after_load_checkpoint(runner, {"intrain_integer_context": saved.state_dict()})
+    hook.before_val(runner)
+    expected = saved.generator(torch.device("cpu")) if resume else torch.Generator().manual_seed(3)
+    assert torch.equal(context_of(runner.model).generator(torch.device("cpu")).get_state(), expected.get_state())
