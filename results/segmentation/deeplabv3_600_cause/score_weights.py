@@ -1,7 +1,7 @@
 """Score a segmentation run's final weights (iter_600.pth) in fp32, int8 and int16 on 24 training
 images in training mode: is a high loss in the weights or in the integer forward?
 
-    python results/segmentation/deeplabv3_600_cause/score_weights.py runs/tables/segmentation-mini/deeplabv3_r18_digits_seg/int8
+    python results/segmentation/deeplabv3_600_cause/score_weights.py runs/pre-eps-fix/segmentation-mini/deeplabv3_r18_digits_seg/int8
 """
 import importlib
 import sys
