@@ -94,7 +94,7 @@ def _eps_shift(eps_value: float, exponent: int, variance: torch.Tensor) -> int:
     significant bits, as far as int64 allows.
 
     In the variance's own units eps is ``eps_value * 2**-exponent``: below one unit when few
-    values share a large exponent (batch norm over 4 values of magnitude 1: eps n**2 = 1.6e-4
+    values share a large exponent (batch norm over 4 values of magnitude 2: eps n**2 = 1.6e-4
     with units of 2**-10). Rounded there, it vanishes, a channel of equal values gets
     var + eps = 0 instead of eps, and its backward scales gradients by far more than 1/sqrt(eps).
     """
