@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import compose, read_metrics, run_dir_of, train_in_process, train_subprocess
+
+from intrain_core import Numerics, context_of
+from intrain_core.context import IntegerContext
 
 pytest.importorskip("mmdet", reason="OpenMMLab is installed by `make install` (scripts/install_openmmlab.sh)")
 pytest.importorskip("mmseg")
+from tasks.openmmlab_hooks import IntegerNumericsHook  # noqa: E402  (needs mmengine, checked above)
 
 # Tiny embedded data (its own cache per test session) and short schedules.
 DATA = ["dataset.image_size=64", "dataset.num_train=8", "dataset.num_val=4", "trainer.batch_size=2",
@@ -142,13 +148,6 @@ def test_coco_from_a_local_folder_trains_with_the_zoo_pipeline(tmp_path, runs_di
 
 @pytest.mark.parametrize("resume", [True, False])
 def test_only_a_resume_continues_the_checkpoint_s_rounding_streams(tmp_path, resume):
-    import torch
-    from types import SimpleNamespace
-
-    from intrain_core import Numerics, context_of
-    from intrain_core.context import IntegerContext
-    from tasks.openmmlab_hooks import IntegerNumericsHook
-
     saved = IntegerContext(Numerics.preset("int8"))
     torch.rand(5, generator=saved.generator(torch.device("cpu")))  # a stream some steps in
     numerics = {**Numerics.preset("int8").to_dict(), "seed": 3}

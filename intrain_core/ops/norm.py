@@ -59,10 +59,14 @@ def round_shift(v: torch.Tensor, shift: torch.Tensor | int) -> torch.Tensor:
     return (v + half) >> right
 
 
+def max_bit_length(v: torch.Tensor) -> int:
+    """Bits of the largest magnitude of an int64 tensor (0 for an empty or all-zero one)."""
+    return int(bit_length(v.abs().amax().reshape(1))[0]) if v.numel() else 0
+
+
 def narrow(v: torch.Tensor, bits: int = OPERAND_BITS) -> tuple[torch.Tensor, int]:
     """Shift a whole int64 tensor right so that it fits in ``bits``; returns (v, shift)."""
-    top = int(bit_length(v.abs().amax().reshape(1))[0]) if v.numel() else 0
-    shift = max(0, top - bits)
+    shift = max(0, max_bit_length(v) - bits)
     return (round_shift(v, shift) if shift else v), shift
 
 
@@ -101,8 +105,7 @@ def _eps_shift(eps_value: float, exponent: int, variance: torch.Tensor) -> int:
     if eps_value <= 0:
         return 0
     wanted = EPS_BITS - 1 - (_exponent_of(eps_value) - exponent)
-    top = int(bit_length(variance.abs().amax().reshape(1))[0]) if variance.numel() else 0
-    shift = max(0, min(wanted, 61 - top))
+    shift = max(0, min(wanted, 61 - max_bit_length(variance)))
     return shift - shift % 2
 
 
@@ -223,7 +226,7 @@ def _update_running(ctx, running, momentum, s1, variance, count, exponent, layer
     # batch mean = s1 / n * 2**exponent, with 24 fractional bits of a mantissa step
     batch_mean = WideFixed((s1 << 24) // count, exponent - 24)
     # unbiased variance = variance / (n (n - 1)) * 2**(2 exponent)
-    shift = max(0, 61 - int(bit_length(variance.abs().amax().reshape(1))[0]))
+    shift = max(0, 61 - max_bit_length(variance))
     batch_var = WideFixed((variance << shift) // (count * max(count - 1, 1)), 2 * exponent - shift)
     for buffer, batch in ((mean_r, batch_mean), (var_r, batch_var)):
         old = to_fixed(buffer.detach().float(), STATISTICS_BITS, "nearest", where=f"running statistics of layer '{layer}'")
