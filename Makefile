@@ -1,10 +1,13 @@
-# intrain: make demo | make test | make bench | make install
+# intrain: make demo | make test | make bench | make install | make install-openmmlab
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# One stamp per layer: the core (classification, the demo) and OpenMMLab (detection, segmentation).
 STAMP := $(VENV)/.installed
+MM_STAMP := $(VENV)/.installed-openmmlab
 
-.PHONY: install demo test bench clean table-classification table-detection table-segmentation table-ablation tables
+.PHONY: install install-openmmlab demo test bench clean table-classification table-detection \
+	table-segmentation table-ablation tables
 
 # Paper tables: SCALE=mini (this CPU, embedded data) or SCALE=paper (real datasets, GPUs; see README).
 SCALE ?= mini
@@ -21,15 +24,21 @@ DEMO := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 install: $(STAMP)
 
 # torch and torchvision first: pip takes these pinned releases from the machine's local
-# wheels, so no later dependency can pull another torch. OpenMMLab last: mmcv's compiled ops
-# are built once (about 20 minutes) into ~/.cache/intrain/wheels and reused after that.
-$(STAMP): pyproject.toml scripts/install_openmmlab.sh
+# wheels, so no later dependency can pull another torch.
+$(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip<27"
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# mmcv's compiled ops are built once (about 20 minutes on 2 cores) into ~/.cache/intrain/wheels
+# and reused after that; the script does nothing when the pinned versions are already installed.
+install-openmmlab: $(MM_STAMP)
+
+$(MM_STAMP): $(STAMP) scripts/install_openmmlab.sh scripts/openmmlab-constraints.txt
 	bash scripts/install_openmmlab.sh $(PY)
-	touch $(STAMP)
+	touch $@
 
 demo: install
 	$(PY) train.py -m task=resnet18 dataset=digits dataset.image_size=16 numerics=fp32,int8 \
@@ -37,11 +46,15 @@ demo: install
 	$(PY) scripts/compare_curves.py $(DEMO)/fp32 $(DEMO)/int8
 	@echo "curves: $(DEMO)/comparison.png"
 
-test: install
+# The suite covers detection and segmentation, so it needs OpenMMLab.
+test: install-openmmlab
 	$(PY) -m pytest -q -n 2 tests
 
-$(addprefix table-,$(TABLES)): install
+$(addprefix table-,$(TABLES)):
 	$(PY) scripts/run_table.py $(@:table-%=%) --scale $(SCALE) --jobs $(JOBS)
+
+table-classification table-ablation: install
+table-detection table-segmentation: install-openmmlab
 
 tables: $(addprefix table-,$(TABLES))
 

@@ -7,6 +7,20 @@ set -euo pipefail
 PY="${1:-.venv/bin/python}"
 CACHE="${INTRAIN_WHEEL_CACHE:-$HOME/.cache/intrain/wheels}"
 MMCV_VERSION=2.1.0
+OTHERS="mmengine==0.10.7 mmdet==3.3.0 mmsegmentation==1.2.2"
+
+# Already installed at these versions, compiled ops included: nothing to do (even without the cache).
+if "$PY" - "mmcv==$MMCV_VERSION" $OTHERS >/dev/null 2>&1 <<'CHECK'; then
+import sys
+from importlib.metadata import version
+for pin in sys.argv[1:]:
+    name, wanted = pin.split("==")
+    assert version(name) == wanted, pin
+import mmcv.ops, mmdet, mmseg  # noqa: E401,F401  (mmcv.ops: the compiled kernels load)
+CHECK
+    echo "openmmlab ready (already installed): mmcv==$MMCV_VERSION $OTHERS"
+    exit 0
+fi
 mkdir -p "$CACHE"
 
 # setuptools >= 70 dropped what mmcv's setup.py imports; the build sees the venv's setuptools.
@@ -33,6 +47,6 @@ constraints=$(mktemp)
 "$PY" -m pip freeze | grep -iE '^(torch|torchvision|numpy)==' > "$constraints"
 # ftfy and regex: mmseg imports its text tokenizer with its models.
 "$PY" -m pip install -q -c "$constraints" -c "$(dirname "$0")/openmmlab-constraints.txt" \
-    "$wheel" mmengine==0.10.7 mmdet==3.3.0 mmsegmentation==1.2.2 ftfy regex
+    "$wheel" $OTHERS ftfy regex
 rm -f "$constraints"
 "$PY" -c "import mmcv.ops, mmdet, mmseg; print('openmmlab ready: mmcv', mmcv.__version__, 'mmdet', mmdet.__version__, 'mmseg', mmseg.__version__)"

@@ -41,6 +41,20 @@ class Family:
     metric_when_empty: dict[str, float]  # what an evaluator's empty result means (no detections: AP 0)
 
 
+def require_openmmlab(task: str, package: str) -> None:
+    """OpenMMLab is a separate install layer (classification never needs it): without it, a
+    detection or segmentation run stops here, in one line, before anything is written."""
+    import importlib
+
+    for name in ("mmengine", "mmcv", "mmcv.ops", package):
+        try:
+            importlib.import_module(name)
+        except (ImportError, AssertionError) as exc:  # mmdet/mmseg assert a compatible mmcv version
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"task={task} needs OpenMMLab, which is not installed here ({name}: {reason}); "
+                              "run `make install-openmmlab` (builds mmcv once, about 20 minutes on 2 cores)") from None
+
+
 def zoo_config_path(package: str, name: str) -> Path:
     """The config file ``name`` (``faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py``) inside ``package``."""
     import importlib
@@ -251,6 +265,7 @@ def _dataset_error(message: str) -> Exception:
 
 def run(cfg: DictConfig, run_dir: str | Path, family: Family) -> dict[str, Any]:
     """Train (and validate) ``cfg.task`` on ``cfg.dataset`` with mmengine; return the last metrics."""
+    require_openmmlab(str(cfg.task.name), family.package)
     import tasks.openmmlab_hooks  # noqa: F401  (registers IntSGD, the hooks and the atomic backend)
     from mmengine.runner import Runner
 
