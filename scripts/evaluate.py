@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tasks import reevaluation  # noqa: E402  (after the path insert above)
-from tasks.runner import user_errors  # noqa: E402
+from tasks.common.errors import user_errors  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Checkpoints and run directories: atomic writes, strict resume, nothing of a user's overwritten.
+"""Checkpoints: atomic writes, clear errors for corrupt files, and the config a resume must match.
 
 A checkpoint is one ``torch.save`` dict written to a temporary file in the run directory,
 fsynced, then ``os.replace``d over ``last.ckpt``: a crash leaves either the old or the new file,
@@ -18,19 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
+# The run directory's names and check live in tasks.common.run_dir; re-exported for tasks/openmmlab.py.
+from tasks.common.run_dir import LAST, RUN_OUTPUTS, RunDirError, prepare_run_dir  # noqa: F401
+
 FORMAT = "intrain-checkpoint/1"
-LAST = "last.ckpt"
 REQUIRED_KEYS = ("format", "model", "optimizer", "scheduler", "epoch", "step", "batch_in_epoch", "rng", "config")
-# What a run writes into its directory; any of them present means the directory holds a run.
-RUN_OUTPUTS = ("metrics.csv", LAST, "config.yaml", "run_info.yaml", "coverage.txt", "coverage.json", "wandb")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt or truncated, or does not fit this run."""
-
-
-class RunDirError(RuntimeError):
-    """A new run pointed at a directory that already holds one."""
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -65,6 +61,26 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def config_diff(saved: dict, current: dict, keys: tuple[str, ...]) -> list[str]:
+    """``key: saved -> current`` for each dotted key (a mapping: each of its keys) that differs."""
+    diffs = []
+    for key in keys:
+        a, b = _get(saved, key), _get(current, key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        else:
+            diffs.append(f"{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint written by ``save_checkpoint``; a clear ``CheckpointError`` otherwise."""
     path = Path(path)
@@ -84,32 +100,6 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"checkpoint {path} is corrupt: it lacks {missing}")
     return state
-
-
-def prepare_run_dir(run_dir: str | os.PathLike, resume: bool, checkpoint_name: str = LAST) -> Path | None:
-    """Check that a run may use ``run_dir``; return the checkpoint to resume from, if any.
-
-    A new run refuses a directory that already holds a run's outputs; ``resume`` requires its
-    checkpoint (``last.ckpt``; mmengine runs: ``last_checkpoint``). Nothing is written here.
-    """
-    run_dir = Path(run_dir)
-    ckpt = run_dir / checkpoint_name
-    if resume:
-        if not ckpt.is_file():
-            raise CheckpointError(
-                f"trainer.resume=true but there is no checkpoint to resume from at {ckpt}; "
-                "run without trainer.resume=true to start this run"
-            )
-        return ckpt
-    found = [name for name in (*RUN_OUTPUTS, checkpoint_name) if (run_dir / name).exists()]
-    if found:
-        how = ("Pass trainer.resume=true to continue it" if ckpt.is_file() else
-               "It has no checkpoint to resume from (it stopped before its first epoch ended): delete it to start over")
-        raise RunDirError(
-            f"run directory {run_dir} already holds a run ({', '.join(found)}); nothing was overwritten. "
-            f"{how}, or choose another run name (run_name=... or experiment_name=...)"
-        )
-    return None
 
 
 # --- random number generator states ---------------------------------------------------------

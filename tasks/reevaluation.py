@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 
 from intrain_core import Numerics, convert
 from tasks.checkpoint import LAST, load_checkpoint
-from tasks.classification import ConfigError, _loader, build_model, evaluate, resolve_device
+from tasks.classification import build_model, evaluate, make_loader, resolve_device
+from tasks.common.errors import ConfigError
 
 METRICS = ("val/acc1", "val/loss")
 
@@ -47,7 +48,7 @@ def evaluate_run(run_dir: str | Path, presets: list[str], rounding_seeds: list[i
     ds, tr = config["dataset"], config["trainer"]
     splits = build_datasets(ds["name"], root=ds["root"], image_size=int(ds["image_size"]), augment=bool(ds["augment"]))
     torch_device = resolve_device(device)
-    loader = _loader(splits.val, list(range(len(splits.val))), int(tr["eval_batch_size"]), 0, torch_device,
+    loader = make_loader(splits.val, list(range(len(splits.val))), int(tr["eval_batch_size"]), 0, torch_device,
                      int(tr["seed"]), drop_last=False)
     limit = tr.get("limit_val_batches")
 

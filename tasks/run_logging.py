@@ -1,7 +1,8 @@
 """What a run writes about itself: metrics.csv, config.yaml, run_info.yaml, train.log, wandb.
 
 ``metrics.csv`` has one row per logged training step (``step``, ``epoch``, ``train/loss``,
-``train/acc1``, ``lr``, ``time_s``) and one row per validation (same ``step`` and ``epoch``,
+``train/acc1``, ``lr``, ``time_s``; with ``trainer.on_nonfinite=skip`` also
+``train/nonfinite_skipped``, the steps skipped so far) and one row per validation (same ``step`` and ``epoch``,
 ``val/loss``, ``val/acc1``, ``val/acc5``); a column a row does not fill is empty. wandb is
 optional, never prompts and never needs an account: without credentials it runs offline into
 ``<run dir>/wandb``.
@@ -28,7 +29,8 @@ from tqdm import tqdm
 
 log = logging.getLogger("intrain")
 
-COLUMNS = ("step", "epoch", "train/loss", "train/acc1", "lr", "val/loss", "val/acc1", "val/acc5", "time_s")
+COLUMNS = ("step", "epoch", "train/loss", "train/acc1", "lr", "train/nonfinite_skipped", "val/loss", "val/acc1",
+           "val/acc5", "time_s")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -49,9 +51,11 @@ class MetricsCSV:
             self._file.flush()
 
     def _truncate_after(self, step: int) -> None:
-        """Rows logged after the checkpoint was written would repeat: drop them, atomically."""
-        with open(self.path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        """Rows logged after the checkpoint was written would repeat: drop them, atomically. A
+        process killed mid-write leaves a last line without its newline: it is dropped too."""
+        text = self.path.read_text()
+        complete = text if text.endswith("\n") else text[: text.rfind("\n") + 1]
+        rows = list(csv.DictReader(complete.splitlines()))
         kept = [r for r in rows if r.get("step") and int(r["step"]) <= step]
         fd, tmp = tempfile.mkstemp(prefix=".metrics.", suffix=".tmp", dir=self.path.parent)
         with os.fdopen(fd, "w", newline="") as f:

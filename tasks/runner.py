@@ -1,4 +1,5 @@
-"""From task family to runner: ``run(cfg, run_dir)`` hands a resolved config to its task's runner."""
+"""From task family to runner: ``run(cfg, run_dir)`` validates a composed config and hands it to
+its task family's runner."""
 from __future__ import annotations
 
 import importlib
@@ -7,29 +8,20 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from tasks.checkpoint import CheckpointError, RunDirError
+from tasks.common.schema import FAMILIES, validate
 
 # task.family -> module with ``run(cfg, run_dir) -> dict``
-RUNNERS = {"classification": "tasks.classification", "detection": "tasks.detection",
-           "segmentation": "tasks.segmentation"}
+RUNNERS = {family: f"tasks.{family}" for family in FAMILIES}
+# task.family -> the validation metric a sweeper optimises (higher is better)
+OBJECTIVES = {"classification": "val/acc1", "detection": "val/bbox_mAP", "segmentation": "val/mIoU"}
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    family = cfg.task.get("family", "classification")
-    if family not in RUNNERS:
-        raise ValueError(f"task.family={family!r} has no runner; available: {sorted(RUNNERS)}")
-    return importlib.import_module(RUNNERS[family]).run(cfg, run_dir)
+    validate(cfg)
+    return importlib.import_module(RUNNERS[cfg.task.family]).run(cfg, run_dir)
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are a user's to fix: reported as one clear line, without a traceback."""
-    from tasks.classification import ConfigError
-
-    errors: list[type[BaseException]] = [CheckpointError, RunDirError, ConfigError]
-    try:
-        from tasks.datasets import DatasetError
-
-        errors.append(DatasetError)
-    except ImportError:
-        pass
-    return tuple(errors)
+def objective(cfg: DictConfig, result: dict[str, Any]) -> float | None:
+    """The run's final value of its family's validation metric, for Hydra's sweepers."""
+    value = result.get(OBJECTIVES[cfg.task.family])
+    return float(value) if value is not None else None

@@ -54,10 +54,14 @@ def train_in_process(runs_dir: Path, *overrides: str) -> tuple[dict, Path]:
     return run(cfg, run_dir), run_dir
 
 
+def train_env() -> dict[str, str]:
+    """The environment of a train.py subprocess: as a user's shell, one thread per xdist worker."""
+    return {**os.environ, "OMP_NUM_THREADS": "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2",
+            "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
+
+
 def train_subprocess(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2",
-           "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=train_env(),
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 

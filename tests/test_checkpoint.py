@@ -8,16 +8,8 @@ import pytest
 import torch
 from conftest import SMALL_RESNET, read_metrics, train_in_process
 
-from tasks.checkpoint import (
-    LAST,
-    CheckpointError,
-    RunDirError,
-    load_checkpoint,
-    prepare_run_dir,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from tasks.checkpoint import LAST, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from tasks.common.run_dir import RunDirError, prepare_run_dir
 from tasks.run_logging import MetricsCSV
 
 MINIMAL = {"model": {"w": torch.ones(3)}, "optimizer": {}, "scheduler": {}, "epoch": 1, "step": 5,

@@ -10,9 +10,10 @@ import torch
 import yaml
 from conftest import ROOT, SMALL_RESNET, TINY, compose, read_metrics, run_dir_of, train_in_process, train_subprocess
 
-from tasks.checkpoint import LAST, RunDirError, load_checkpoint
-from tasks.classification import ConfigError, build_model, epoch_order, load_pretrained, lr_factor_fn
-from tasks.checkpoint import CheckpointError
+from tasks.checkpoint import LAST, CheckpointError, load_checkpoint
+from tasks.classification import build_model, epoch_order, load_pretrained, lr_factor_fn
+from tasks.common.errors import ConfigError
+from tasks.common.run_dir import RunDirError
 
 VALUE_COLUMNS = ("step", "epoch", "train/loss", "train/acc1", "lr", "val/loss", "val/acc1", "val/acc5")
 
@@ -35,7 +36,7 @@ def test_multirun_puts_fp32_and_int8_side_by_side_and_compare_curves_reads_them(
         assert config["numerics"]["name"] == name and config["trainer"]["seed"] == 0
         assert config["task"]["cifar_stem"] is True and config["task"]["model"] == "resnet18"
         rows = read_metrics(run_dir)
-        assert list(rows[0]) == ["step", "epoch", "train/loss", "train/acc1", "lr", "val/loss", "val/acc1",
+        assert list(rows[0]) == ["step", "epoch", "train/loss", "train/acc1", "lr", "train/nonfinite_skipped", "val/loss", "val/acc1",
                                  "val/acc5", "time_s"]
         assert [r["step"] for r in rows] == ["1", "2", "2"] and rows[-1]["val/acc1"] != ""
         assert (run_dir / LAST).is_file() and (run_dir / "train.log").is_file()
