@@ -19,7 +19,7 @@ STAGE_CHANNELS = {18: [64, 128, 256, 512], 34: [64, 128, 256, 512], 50: [256, 51
 
 def set_depth(model, depth: int) -> None:
     if depth not in STAGE_CHANNELS:
-        from tasks.classification import ConfigError
+        from tasks.common.errors import ConfigError
 
         raise ConfigError(f"task.depth={depth} is not a ResNet depth; one of {sorted(STAGE_CHANNELS)}")
     model.backbone.depth = depth

@@ -19,9 +19,10 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from tasks.checkpoint import CheckpointError, prepare_run_dir
-from tasks.classification import ConfigError
-from tasks.run_logging import add_file_log, run_info, write_yaml
+from tasks.checkpoint import CheckpointError
+from tasks.common.errors import ConfigError
+from tasks.common.run_dir import open_run_dir, prepare_run_dir, write_run_info
+from tasks.run_logging import write_yaml
 
 log = logging.getLogger("intrain")
 
@@ -274,24 +275,18 @@ def run(cfg: DictConfig, run_dir: str | Path, family: Family) -> dict[str, Any]:
     prepare_run_dir(run_dir, bool(tr.resume), checkpoint_name=MM_LAST)
     resume_step = _resume_step(run_dir) if tr.resume else None
     mm = build_mm_config(cfg, run_dir, family, resume_step)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = add_file_log(run_dir)
-    try:
+    with open_run_dir(run_dir, new_run=resume_step is None, checkpoint_name=MM_LAST, outputs=("mm_config.py",)):
         if resume_step is None:
             write_yaml(run_dir / "config.yaml", OmegaConf.to_container(cfg, resolve=True))
             mm.dump(str(run_dir / "mm_config.py"))
-        info = run_info(_device(tr), {"experiment_name": cfg.experiment_name, "run_name": cfg.run_name,
-                                      "mm_config": str(cfg.task.mm_config), "resumed_from_step": resume_step})
-        write_yaml(run_dir / ("run_info.yaml" if resume_step is None else f"run_info.resume-{resume_step}.yaml"), info)
+        write_run_info(run_dir, _device(tr), resume_step, {"experiment_name": cfg.experiment_name,
+                                                           "run_name": cfg.run_name, "mm_config": str(cfg.task.mm_config)})
         log.info("%s: %s on %s, numerics %s, run dir %s", cfg.experiment_name, cfg.task.mm_config, cfg.dataset.name,
                  cfg.numerics.name, run_dir)
         runner = Runner.from_cfg(mm)
         with _full_unpickling(resume_step is not None):
             runner.train()
         return {**_last_metrics(run_dir), "step": runner.iter, "run_dir": str(run_dir)}
-    finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
 
 
 @contextlib.contextmanager

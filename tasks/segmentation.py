@@ -18,7 +18,7 @@ STAGE_CHANNELS = {18: (256, 512), 34: (256, 512), 50: (1024, 2048), 101: (1024, 
 
 def set_depth(model, depth: int) -> None:
     if depth not in STAGE_CHANNELS:
-        from tasks.classification import ConfigError
+        from tasks.common.errors import ConfigError
 
         raise ConfigError(f"task.depth={depth} is not a ResNet depth; one of {sorted(STAGE_CHANNELS)}")
     model.backbone.depth = depth
