@@ -18,9 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-# The run directory's names and check live in tasks.common.run_dir; re-exported for tasks/openmmlab.py.
-from tasks.common.run_dir import LAST, RUN_OUTPUTS, RunDirError, prepare_run_dir  # noqa: F401
-
+LAST = "last.ckpt"
 FORMAT = "intrain-checkpoint/1"
 REQUIRED_KEYS = ("format", "model", "optimizer", "scheduler", "epoch", "step", "batch_in_epoch", "rng", "config")
 

@@ -292,13 +292,14 @@ def _cell(value, markdown: bool = False) -> str:
 
 # --- dry run ---------------------------------------------------------------------------------------
 def dry_run(table: Table, runs_dir: Path) -> list[str]:
-    """Compose, build model and optimiser for every row and preset, with dummy data paths."""
+    """Compose and validate the config, build model and optimiser, for every row and preset."""
     from hydra import compose, initialize_config_dir
 
     built = []
     for row in table.rows:
         for preset in table.presets:
-            overrides = [o for o in row.overrides if "${oc.env:" not in o]
+            # Data roots from the environment: a placeholder, never read.
+            overrides = [o.split("=", 1)[0] + "=/dry-run" if "${oc.env:" in o else o for o in row.overrides]
             with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
                 cfg = compose("config", overrides=[*overrides, f"numerics={preset}", f"runs_dir={runs_dir}",
                                                    f"experiment_name={row.name}", f"run_name={preset}"])
@@ -311,7 +312,9 @@ def _build(cfg, run_dir: Path) -> str:
 
     from intrain_core import Numerics
     from intrain_core.optim import build_optimizer
+    from tasks.common.schema import validate
 
+    validate(cfg)
     numerics = Numerics.from_dict(OmegaConf.to_container(cfg.numerics, resolve=True))
     if cfg.task.family == "classification":
         from tasks.classification import build_model

@@ -11,10 +11,10 @@ from typing import Any, Iterator
 
 import torch
 
+from tasks.checkpoint import LAST, CheckpointError
 from tasks.common.errors import user_errors
 from tasks.run_logging import add_file_log, run_info, write_yaml
 
-LAST = "last.ckpt"
 # What a run writes into its directory; any of them present means the directory holds a run.
 RUN_OUTPUTS = ("metrics.csv", LAST, "config.yaml", "run_info.yaml", "coverage.txt", "coverage.json", "wandb")
 LOG = "train.log"
@@ -30,8 +30,6 @@ def prepare_run_dir(run_dir: str | os.PathLike, resume: bool, checkpoint_name: s
     A new run refuses a directory that already holds a run's outputs; ``resume`` requires its
     checkpoint (``last.ckpt``; mmengine runs: ``last_checkpoint``). Nothing is written here.
     """
-    from tasks.checkpoint import CheckpointError
-
     run_dir = Path(run_dir)
     ckpt = run_dir / checkpoint_name
     if resume:
