@@ -1,11 +1,13 @@
-"""Score finished classification runs again under other numerics presets and rounding seeds.
+"""Score finished runs again under other numerics presets and rounding seeds: classification
+(val/acc1, val/loss), detection (val/bbox_mAP) and segmentation (val/mIoU) runs alike.
 
     python scripts/evaluate.py RUN_DIR [RUN_DIR ...] [--numerics fp32 int8] [--rounding-seeds 5]
                                [--out PATH_PREFIX]
 
 Separates what an integer run learned (its weights scored in fp32) from what integer inference
-costs and from the rounding noise of one stochastic validation pass. Writes <prefix>.md and
-<prefix>.csv (default prefix: <first RUN_DIR>/../reevaluation).
+costs and from the rounding noise of one stochastic validation pass (mean, min and max over the
+rounding seeds). Writes <prefix>.md and <prefix>.csv (default prefix: <first RUN_DIR>/../reevaluation).
+A Faster R-CNN pass takes minutes on a CPU: ``--rounding-seeds 1`` or ``--numerics fp32`` for a quick look.
 """
 from __future__ import annotations
 

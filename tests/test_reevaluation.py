@@ -5,7 +5,7 @@ import pytest
 
 from conftest import ROOT, SMALL_RESNET, read_metrics, train_in_process
 from tasks.checkpoint import LAST, load_checkpoint, save_checkpoint
-from tasks.classification import ConfigError
+from tasks.common.errors import ConfigError
 from tasks.reevaluation import evaluate_run, summarise, write_summary
 
 
@@ -30,15 +30,32 @@ def test_fp32_rescore_reproduces_the_logged_final_and_integer_passes_are_seeded(
     assert "| int8 | 3 |" in md.read_text() and csv_path.read_text().startswith("run,trained_with")
 
 
-def test_non_classification_runs_and_unknown_presets_are_refused(runs_dir):
+def test_unknown_presets_and_families_are_refused(runs_dir):
     _, run_dir = train_in_process(runs_dir, "numerics=fp32", *SMALL_RESNET, "trainer.max_steps=1")
     with pytest.raises(ValueError, match="int7"):
         evaluate_run(run_dir, ["int7"], [0])
-    state = load_checkpoint(run_dir / LAST)
-    state["config"]["task"]["family"] = "detection"
-    save_checkpoint(run_dir / LAST, state)
-    with pytest.raises(ConfigError, match="classification runs only"):
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("family: classification", "family: speech"))
+    with pytest.raises(ConfigError, match="re-evaluation covers"):
         evaluate_run(run_dir, ["fp32"], [0])
+
+
+@pytest.mark.parametrize("task,dataset,metric", [("faster_rcnn", "digits_det", "val/bbox_mAP"),
+                                                 ("deeplabv3", "digits_seg", "val/mIoU")])
+def test_detection_and_segmentation_runs_are_rescored(runs_dir, tmp_path_factory, monkeypatch, task, dataset, metric):
+    pytest.importorskip("mmdet" if task == "faster_rcnn" else "mmseg")
+    monkeypatch.setenv("INTRAIN_DATA_CACHE", str(tmp_path_factory.getbasetemp() / "data"))
+    tiny = [f"task={task}", f"dataset={dataset}", "dataset.image_size=64", "dataset.num_train=8",
+            "dataset.num_val=4", "trainer.batch_size=2", "trainer.eval_batch_size=2", "trainer.max_steps=2",
+            "trainer.device=auto", "task.warmup_iters=0", "numerics=int8"]
+    _, run_dir = train_in_process(runs_dir, *tiny)
+    logged = [r for r in read_metrics(run_dir) if r.get(metric)][-1]
+    evaluations = evaluate_run(run_dir, ["fp32", "int8"], [0, 1])
+    assert [(e.evaluated_with, e.rounding_seed) for e in evaluations] == [("fp32", None), ("int8", 0), ("int8", 1)]
+    assert all(set(e.metrics) == {metric} for e in evaluations)
+    assert {e.trained_with for e in evaluations} == {"int8"} and float(logged[metric]) >= 0
+    rows = summarise(evaluations)
+    assert rows[1]["passes"] == 2 and rows[1][f"{metric}_min"] <= rows[1][f"{metric}_max"]
 
 
 def test_cli_names_a_missing_checkpoint(tmp_path, capsys):
@@ -46,4 +63,4 @@ def test_cli_names_a_missing_checkpoint(tmp_path, capsys):
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     assert cli.main([str(tmp_path / "nope")]) == 2
-    assert f"no checkpoint at {tmp_path / 'nope' / 'last.ckpt'}" in capsys.readouterr().err
+    assert f"{tmp_path / 'nope'} has no config.yaml: not a run directory" in capsys.readouterr().err
