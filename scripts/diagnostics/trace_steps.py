@@ -5,24 +5,25 @@ below one 8-bit step of the layer's input, and the gain max|dL/dx| / max|dL/dy| 
 The trace only reads tensors, so it draws nothing from the rounding streams: an int8 retrace
 repeats the run bit for bit (checked against the run's metrics.csv at the end).
 
-    python results/segmentation/deeplabv3_600_cause/trace_steps.py RUN_DIR OUT_DIR [STEPS]
+    python scripts/diagnostics/trace_steps.py RUN_DIR OUT_DIR [--steps 260]
+
+Works on detection and segmentation runs (any run with an ``mm_config.py``).
 """
+import argparse
 import csv
 import importlib
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root
+import numpy as np
+import torch
+from mmengine.config import Config
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+from mmengine.runner import Runner
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from mmengine.config import Config  # noqa: E402
-from mmengine.hooks import Hook  # noqa: E402
-from mmengine.registry import HOOKS  # noqa: E402
-from mmengine.runner import Runner  # noqa: E402
-
-import tasks.openmmlab_hooks  # noqa: E402,F401  (registers IntSGD and the hooks)
-from intrain_core import context_of  # noqa: E402
+import tasks.openmmlab_hooks  # noqa: F401  (registers IntSGD and the hooks)
+from intrain_core import context_of
 
 BN_FIELDS = ["step", "layer", "values_per_channel", "channels_below_one_step", "backward_gain"]
 FIELDS = ["step", "param", "grad_norm", "grad_absmax", "weight_norm", "update_norm"]
@@ -86,30 +87,41 @@ class StepTraceHook(Hook):
         return probe
 
 
-run_dir, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
-steps = int(sys.argv[3]) if len(sys.argv) > 3 else 260
-if out_dir.exists() and any(out_dir.iterdir()):
-    # A run writes its coverage report with one undone step that still advances the rounding
-    # streams; an out dir that has one skips that step, and the retrace would differ.
-    sys.exit(f"{out_dir} is not empty: give a new folder")
-out_dir.mkdir(parents=True)
-cfg = Config.fromfile(run_dir / "mm_config.py")
-for module in cfg.get("custom_imports", {}).get("imports", []):
-    importlib.import_module(module)
-cfg.work_dir = str(out_dir)
-cfg.train_cfg.max_iters = steps
-for hook in cfg.custom_hooks:
-    hook["run_dir"] = str(out_dir)
-    hook.pop("wandb", None)
-cfg.custom_hooks.append(dict(type="StepTraceHook", out_dir=str(out_dir)))
-Runner.from_cfg(cfg).train()
-
-# The retrace must be the run itself: compare the training losses step by step.
 def losses(path: Path) -> dict[int, str]:
     with open(path) as f:
         return {int(r["step"]): r["train/loss"] for r in csv.DictReader(f) if r["train/loss"]}
 
-original, retrace = losses(run_dir / "metrics.csv"), losses(out_dir / "metrics.csv")
-differ = [s for s in retrace if original.get(s) != retrace[s]]
-print(f"retrace of {run_dir}: {len(retrace)} steps, {len(differ)} with a loss that differs from the run's"
-      + (f" (first: step {differ[0]})" if differ else ""))
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("out_dir", type=Path, help="a new (or empty) folder for the trace")
+    parser.add_argument("--steps", type=int, default=260)
+    args = parser.parse_args(argv)
+    run_dir, out_dir = args.run_dir, args.out_dir
+    if out_dir.exists() and any(out_dir.iterdir()):
+        # The coverage step is skipped when its report already exists: a reused folder could retrace differently.
+        print(f"{out_dir} is not empty: give a new folder", file=sys.stderr)
+        return 2
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = Config.fromfile(run_dir / "mm_config.py")
+    for module in cfg.get("custom_imports", {}).get("imports", []):
+        importlib.import_module(module)
+    cfg.work_dir = str(out_dir)
+    cfg.train_cfg.max_iters = args.steps
+    for hook in cfg.custom_hooks:
+        hook["run_dir"] = str(out_dir)
+        hook.pop("wandb", None)
+    cfg.custom_hooks.append(dict(type="StepTraceHook", out_dir=str(out_dir)))
+    Runner.from_cfg(cfg).train()
+
+    # The retrace must be the run itself: compare the training losses step by step.
+    original, retrace = losses(run_dir / "metrics.csv"), losses(out_dir / "metrics.csv")
+    differ = [s for s in retrace if original.get(s) != retrace[s]]
+    print(f"retrace of {run_dir}: {len(retrace)} steps, {len(differ)} with a loss that differs from the run's"
+          + (f" (first: step {differ[0]})" if differ else ""))
+    return 1 if differ else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
