@@ -16,6 +16,7 @@ from importlib.metadata import version
 for pin in sys.argv[1:]:
     name, wanted = pin.split("==")
     assert version(name) == wanted, pin
+version("ftfy"), version("regex")
 import mmcv.ops, mmdet, mmseg  # noqa: E401,F401  (mmcv.ops: the compiled kernels load)
 CHECK
     echo "openmmlab ready (already installed): mmcv==$MMCV_VERSION $OTHERS"

@@ -3,7 +3,8 @@
 - ``IntSGD`` is registered in mmengine's optimiser registry: ``optimizer=dict(type='IntSGD', ...)``.
 - ``IntegerNumericsHook`` calls ``intrain_core.convert`` on the runner's model before training
   or evaluation, writes the coverage report, and keeps the integer RNG state in checkpoints.
-- ``RunLogHook`` writes the same ``metrics.csv`` (and wandb run) as classification runs.
+- ``RunLogHook`` writes the same ``metrics.csv`` (and wandb run) as classification runs, and
+  logs a progress line every ``progress_every`` iterations (stdout and ``train.log``).
 - ``AtomicLocalBackend`` makes mmengine's checkpoint writes atomic (temp file, fsync, rename).
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from mmengine.fileio.backends import LocalBackend, register_backend
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS, OPTIMIZERS
+from mmengine.runner import EpochBasedTrainLoop
 
 from intrain_core import Numerics, context_of, convert, coverage
 from intrain_core.optim import IntSGD
@@ -169,13 +171,15 @@ class RunLogHook(Hook):
 
     ``metric_names`` maps mmengine's metric keys (``coco/bbox_mAP``, ``mIoU``) to columns
     (``val/bbox_mAP``); ``metric_scale`` turns fractions into percent, like accuracies.
+    ``progress_every`` (0: a tenth of the run, at most 50) spaces the progress lines; mmengine's
+    own logger stays at WARNING, so these lines are what a run without a terminal shows.
     """
 
     priority = "NORMAL"  # before ParamSchedulerHook (LOW): the lr logged is the lr used
 
     def __init__(self, run_dir: str, columns: list[str], metric_names: dict, metric_scale: dict,
                  log_every_n_steps: int = 1, resume_step: int | None = None, wandb: dict | None = None,
-                 config: dict | None = None, metric_when_empty: dict | None = None):
+                 config: dict | None = None, metric_when_empty: dict | None = None, progress_every: int = 0):
         self.run_dir = Path(run_dir)
         self.columns = tuple(columns)
         self.metric_names, self.metric_scale = dict(metric_names), dict(metric_scale)
@@ -186,6 +190,8 @@ class RunLogHook(Hook):
         self.csv: MetricsCSV | None = None
         self.wandb_run: WandbRun | None = None
         self.start = time.monotonic()
+        self.progress_every = int(progress_every)
+        self._mark: tuple[int, float] = (0, self.start)  # (iteration, time) of the last progress line
 
     def before_run(self, runner) -> None:
         self.csv = MetricsCSV(self.run_dir / "metrics.csv", resume_step=self.resume_step, columns=self.columns)
@@ -196,6 +202,9 @@ class RunLogHook(Hook):
             id_file.write_text(self.wandb_run.id + "\n")
 
     def before_train(self, runner) -> None:
+        if self.progress_every <= 0:
+            self.progress_every = max(1, min(50, runner.max_iters // 10))
+        self._mark = (runner.iter, time.monotonic())
         report = self.run_dir / "coverage.json"
         if self.wandb_run is not None and report.is_file():
             self.wandb_run.log_coverage(json.loads(report.read_text()),
@@ -210,8 +219,25 @@ class RunLogHook(Hook):
         if step % self.every == 0 or step == runner.max_iters:
             lr = runner.optim_wrapper.get_lr()["lr"][0]
             self._write({"step": step, "epoch": runner.epoch, "train/loss": loss, "lr": lr})
+        if step % self.progress_every == 0 or step == runner.max_iters:
+            self._progress(runner, step, loss)
+
+    def _progress(self, runner, step: int, loss: float) -> None:
+        now = time.monotonic()
+        per_step = (now - self._mark[1]) / max(1, step - self._mark[0])
+        self._mark = (step, now)
+        left = (runner.max_iters - step) * per_step
+        loop = runner.train_loop
+        epoch = f" (epoch {runner.epoch + 1}/{loop.max_epochs})" if isinstance(loop, EpochBasedTrainLoop) else ""
+        log.info("step %d/%d%s: loss %.4f, lr %.3g, %.2f s/step, training left about %s", step, runner.max_iters,
+                 epoch, loss, runner.optim_wrapper.get_lr()["lr"][0], per_step, _duration(left))
+
+    def before_val_epoch(self, runner) -> None:
+        batches = len(runner.val_dataloader)
+        log.info("step %d: validating (%d batch%s)", runner.iter, batches, "" if batches == 1 else "es")
 
     def after_val_epoch(self, runner, metrics: dict | None = None) -> None:
+        self._mark = (runner.iter, time.monotonic())  # the next s/step leaves validation out
         row = {"step": runner.iter, "epoch": max(0, runner.epoch - 1) if runner.epoch else 0}
         if not metrics and self.metric_when_empty:
             # mmdet's CocoMetric returns nothing when the model detects nothing: that is an AP of 0.
@@ -235,3 +261,12 @@ class RunLogHook(Hook):
             self.csv.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"

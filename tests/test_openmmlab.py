@@ -11,7 +11,7 @@ from conftest import compose, read_metrics, run_dir_of, train_in_process, train_
 from intrain_core import Numerics, context_of
 from intrain_core.context import IntegerContext
 
-pytest.importorskip("mmdet", reason="OpenMMLab is installed by `make install` (scripts/install_openmmlab.sh)")
+pytest.importorskip("mmdet", reason="OpenMMLab is installed by `make install-openmmlab`")
 pytest.importorskip("mmseg")
 from tasks.openmmlab_hooks import IntegerNumericsHook  # noqa: E402  (needs mmengine, checked above)
 
