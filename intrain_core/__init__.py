@@ -1,5 +1,5 @@
 """intrain_core: switch a PyTorch model's arithmetic from float to integers (NUMERICS.md)."""
-from .convert import context_of, convert, revert
+from .convert import check_finite, context_of, convert, revert
 from .coverage import CoverageReport, coverage
 from .fixed_point import FixedPoint, NonFiniteError, from_fixed, to_fixed
 from .numerics import Numerics, available_presets
@@ -13,6 +13,7 @@ __all__ = [
     "Numerics",
     "available_presets",
     "build_optimizer",
+    "check_finite",
     "context_of",
     "convert",
     "coverage",

@@ -1,8 +1,11 @@
-"""Per-model integer state: the numerics, the random generators, counters and the op log.
+"""Per-model integer state: the numerics, the rounding stream, counters and the op log.
 
-One ``IntegerContext`` is attached to each converted model. Ops read the numerics from it,
-draw stochastic-rounding noise from its seeded generators, and log every op they run so that
-the coverage report can say what ran in integers and what in float.
+One ``IntegerContext`` is attached to each converted model. Ops read the numerics from it, take
+the keys of their stochastic roundings from its stream, and log every op they run so that the
+coverage report can say what ran in integers and what in float.
+
+Nothing here waits for the device: clamp counts stay device tensors until they are read, and a
+non-finite input only sets a device flag that ``check_finite`` reads once per step.
 """
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from .backends import get_backend
-from .fixed_point import FixedPoint, NonFiniteError, qmax, to_fixed
+from .fixed_point import FixedPoint, NonFiniteError, map_deferred, nonfinite_message, qmax
+from .rounding import RoundingStream
 
 INT32_MAX = 2**31 - 1
 
@@ -25,34 +29,64 @@ class OpKey:
     arithmetic: str  # "integer", "float", or "exact" (no arithmetic: ReLU, max pooling)
 
 
+class NonFiniteWatch:
+    """Which mapping first saw a NaN or Inf since the last check, as a device integer."""
+
+    def __init__(self):
+        self.places: list[str] = []
+        self._first: dict[torch.device, torch.Tensor] = {}
+
+    def note(self, finite: torch.Tensor, where: str) -> None:
+        index = len(self.places)
+        self.places.append(where)
+        first = self._first.get(finite.device)
+        if first is None:
+            first = self._first[finite.device] = torch.full((), -1, dtype=torch.int64, device=finite.device)
+        first.copy_(torch.where((first < 0) & ~finite, index, first))
+
+    def check(self, host_only: bool = False) -> None:
+        """Raise NonFiniteError naming the first non-finite mapping, then start over.
+
+        ``host_only``: read only flags in host memory, which costs no wait for an accelerator."""
+        flags = {d: f for d, f in self._first.items() if not host_only or d.type == "cpu"}
+        if not flags:
+            return
+        found = [int(first) for first in flags.values()]
+        places, self.places = self.places, []
+        for first in flags.values():
+            first.fill_(-1)
+        bad = [i for i in found if i >= 0]
+        if bad:
+            raise NonFiniteError(nonfinite_message(places[min(bad)]))
+
+
 class IntegerContext:
     def __init__(self, numerics):
         self.numerics = numerics
         self.backend = get_backend(numerics.backend)
-        self._generators: dict[str, torch.Generator] = {}
+        self.stream = RoundingStream(numerics.seed)
+        self.nonfinite = NonFiniteWatch()
         self.counters: Counter = Counter()
         self.ops: dict[OpKey, list[int]] = defaultdict(lambda: [0, 0])  # [calls, macs]
         self.layer_stack: list[str] = []
 
-    # --- randomness -------------------------------------------------------------------
-    def generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        if key not in self._generators:
-            g = torch.Generator(device=device)
-            g.manual_seed(self.numerics.seed)
-            self._generators[key] = g
-        return self._generators[key]
+    # --- randomness and state ------------------------------------------------------------
+    def key(self) -> int:
+        """The key of the next stochastic rounding."""
+        return self.stream.next_key()
+
+    def counter_values(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self.counters.items()}
 
     def state_dict(self) -> dict:
-        return {
-            "generators": {k: g.get_state() for k, g in self._generators.items()},
-            "counters": dict(self.counters),
-        }
+        return {"stream": self.stream.state_dict(), "counters": self.counter_values()}
 
     def load_state_dict(self, state: dict) -> None:
-        for key, rng_state in state["generators"].items():
-            self.generator(torch.device(key)).set_state(rng_state)
+        self.stream.load_state_dict(state["stream"])
         self.counters = Counter(state.get("counters", {}))
+
+    def check_finite(self, host_only: bool = False) -> None:
+        self.nonfinite.check(host_only)
 
     # --- logging ----------------------------------------------------------------------
     @property
@@ -72,17 +106,22 @@ class IntegerContext:
     def reset_log(self) -> None:
         self.ops.clear()
 
+    def count(self, name: str, amount) -> None:
+        """Add to a counter; a device tensor stays on the device until the counter is read."""
+        self.counters[name] = self.counters.get(name, 0) + amount
+
     # --- arithmetic helpers -------------------------------------------------------------
     def map(self, x: torch.Tensor, bits: int, where: str) -> FixedPoint:
-        """``to_fixed`` with this run's rounding and generator; clamps are counted."""
-        try:
-            fp = to_fixed(x, bits, self.numerics.rounding, self.generator(x.device), where)
-        except NonFiniteError:
-            self.counters["nonfinite"] += 1
-            raise
-        if fp.clamped:
-            self.counters["clamps"] += fp.clamped
-        return fp
+        """``to_fixed`` with this run's rounding and stream; clamps counted, NaN/Inf flagged."""
+        return self.map_with_flag(x, bits, where)[0]
+
+    def map_with_flag(self, x: torch.Tensor, bits: int, where: str) -> tuple[FixedPoint, torch.Tensor]:
+        """``map``, also returning the device flag "x was finite" for updates that must not keep
+        anything computed from a non-finite value (running statistics)."""
+        fp, finite = map_deferred(x, bits, self.numerics.rounding, self.key())
+        self.nonfinite.note(finite, where)
+        self.count("clamps", fp.clamped)
+        return fp, finite
 
     def accumulator(self, reduction: int, bits_a: int, bits_b: int, extra: int = 0) -> tuple[torch.dtype, int]:
         """The accumulator dtype for ``reduction`` products, and the bound on one product.

@@ -11,6 +11,7 @@ import torch
 from .context import IntegerContext
 from .dispatch import IntegerMode
 from .numerics import Numerics
+from .ops.weights import register_context
 
 CONTEXT_ATTR = "_intrain_context"
 HANDLES_ATTR = "_intrain_hooks"
@@ -18,6 +19,14 @@ HANDLES_ATTR = "_intrain_hooks"
 
 def _as_numerics(numerics: Numerics | str) -> Numerics:
     return Numerics.preset(numerics) if isinstance(numerics, str) else numerics
+
+
+def check_finite(model: torch.nn.Module) -> None:
+    """Raise ``NonFiniteError`` if a NaN or Inf reached an integer op of ``model`` since the last
+    check, naming the first op and layer (one read of the device)."""
+    ctx = context_of(model)
+    if ctx is not None:
+        ctx.check_finite()
 
 
 def context_of(model: torch.nn.Module) -> IntegerContext | None:
@@ -31,6 +40,9 @@ def _install(model: torch.nn.Module, ctx: IntegerContext) -> list:
 
     def enter(module, args):
         if depth[0] == 0:
+            # The previous step's mappings, where reading the flag costs nothing (CPU); on an
+            # accelerator IntSGD reads it once per step, and evaluation loops call check_finite.
+            ctx.check_finite(host_only=True)
             mode.__enter__()
         depth[0] += 1
 
@@ -70,6 +82,7 @@ def convert(model: torch.nn.Module, numerics: Numerics | str) -> torch.nn.Module
     ctx = IntegerContext(numerics)
     setattr(model, HANDLES_ATTR, _install(model, ctx))
     setattr(model, CONTEXT_ATTR, ctx)
+    register_context(model.parameters(), ctx)
     return model
 
 
@@ -77,6 +90,7 @@ def revert(model: torch.nn.Module) -> torch.nn.Module:
     """Undo ``convert``: the model runs in float again."""
     for handle in getattr(model, HANDLES_ATTR, []):
         handle.remove()
+    register_context(model.parameters(), None)
     for attr in (HANDLES_ATTR, CONTEXT_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)

@@ -109,7 +109,7 @@ def coverage(model, example_inputs, loss_fn=None, optimizer=None) -> CoverageRep
     if isinstance(example_inputs, dict):
         args, kwargs = (), example_inputs
     ctx.reset_log()
-    counters_before = dict(ctx.counters)
+    counters_before = ctx.counter_values()
     try:
         output = model(*args, **kwargs)
         with IntegerMode(ctx):
@@ -124,7 +124,7 @@ def coverage(model, example_inputs, loss_fn=None, optimizer=None) -> CoverageRep
         else:
             model.zero_grad(set_to_none=True)
         entries = [OpEntry(k.phase, k.layer, k.op, k.arithmetic, v[0], v[1]) for k, v in ctx.ops.items()]
-        counters = {k: v - counters_before.get(k, 0) for k, v in ctx.counters.items()}
+        counters = {k: v - counters_before.get(k, 0) for k, v in ctx.counter_values().items()}
         return CoverageReport(ctx.numerics.name, entries, counters)
     finally:
         if observing:

@@ -1,7 +1,8 @@
-"""Linear fixed-point mapping and its non-linear inverse (NUMERICS.md sections 1-2).
+"""Linear fixed-point mapping and its non-linear inverse (docs/numerics-contract.md sections 1-2).
 
 A float tensor becomes integer mantissas that share one power-of-two exponent:
 ``x ~= mantissa * 2**exponent``. The largest magnitude lands in ``[2**(b-2), 2**(b-1))``.
+The exponent is a 0-dim int64 tensor on the tensor's device, so no mapping waits for the host.
 """
 from __future__ import annotations
 
@@ -10,28 +11,31 @@ from dataclasses import dataclass
 
 import torch
 
-ROUNDINGS = ("stochastic", "nearest")
-
-# Float32 holds every power of two in [2**-126, 2**127] as a normal number; larger shifts
-# are applied in two exact steps.
-_MAX_POW2_STEP = 126
+from .compiled import fused
+from .rounding import as_key, check_rounding, round_float, shift_right
 
 
 class NonFiniteError(FloatingPointError):
     """A NaN or infinity reached an integer op: it has no fixed-point representation."""
 
 
+def nonfinite_message(where: str) -> str:
+    return (f"NaN or Inf in {where}: integer numerics cannot map non-finite values. "
+            "Lower the learning rate, check the input data, or run this layer in float.")
+
+
 @dataclass(frozen=True)
 class FixedPoint:
     """Integer mantissas sharing one exponent: the value is ``mantissa * 2**exponent``.
 
-    ``clamped`` counts the elements that saturated at ``+-qmax`` during the mapping.
+    ``exponent`` is a 0-dim int64 tensor on the mantissa's device; ``clamped`` counts the
+    elements that saturated at ``+-qmax`` (a 0-dim tensor, read only when reported).
     """
 
     mantissa: torch.Tensor
-    exponent: int
+    exponent: torch.Tensor
     bits: int
-    clamped: int = 0
+    clamped: torch.Tensor | int = 0
 
     def to_float(self) -> torch.Tensor:
         return from_fixed(self.mantissa, self.exponent)
@@ -42,107 +46,103 @@ def qmax(bits: int) -> int:
 
 
 def mantissa_dtype(bits: int) -> torch.dtype:
-    """The narrowest integer dtype that holds a signed ``bits``-bit mantissa."""
+    """int8 or int16, the narrowest that holds a signed ``bits``-bit mantissa; int64 for wider
+    ones (masters and statistics, which feed int64 arithmetic anyway)."""
     if not 2 <= bits <= 64:
         raise ValueError(f"bit-width must be between 2 and 64, got {bits}")
-    for dtype, width in ((torch.int8, 8), (torch.int16, 16), (torch.int32, 32)):
+    for dtype, width in ((torch.int8, 8), (torch.int16, 16)):
         if bits <= width:
             return dtype
     return torch.int64
 
 
-def scale_by_pow2(x: torch.Tensor, exponent: int) -> torch.Tensor:
-    """``x * 2**exponent`` for float32 ``x``, exact unless the result leaves float32's range."""
-    while exponent > _MAX_POW2_STEP:
-        x = x * 2.0**_MAX_POW2_STEP
-        exponent -= _MAX_POW2_STEP
-    while exponent < -_MAX_POW2_STEP:
-        x = x * 2.0**-_MAX_POW2_STEP
-        exponent += _MAX_POW2_STEP
-    return x * 2.0**exponent
+def pow2(e: torch.Tensor) -> torch.Tensor:
+    """``2.0**e`` in float32, built from its bits: exact for integer ``e`` in [-126, 127]."""
+    return ((e.to(torch.int32) + 127) << 23).view(torch.float32)
 
 
-def max_exponent(x: torch.Tensor, where: str = "tensor") -> tuple[int, float] | None:
-    """``(max floor(log2|x_i|), max|x_i|)`` over nonzero elements, from the IEEE exponent.
+def scale_by_pow2(x: torch.Tensor, exponent) -> torch.Tensor:
+    """``x * 2**exponent`` for float32 ``x``, exact unless the result leaves float32's range.
 
-    Returns None for an all-zero (or empty) tensor; raises NonFiniteError on NaN or Inf.
+    Two factors in [2**-126, 2**127] cover exponents up to +-252; the first keeps an integer
+    ``x`` normal, so a subnormal result is rounded once.
     """
-    if x.numel() == 0:
-        return None
-    amax = x.detach().abs().amax().float()
-    if not torch.isfinite(amax):
-        kind = "NaN" if torch.isnan(x).any() else "Inf"
-        raise NonFiniteError(
-            f"{kind} in {where}: integer numerics cannot map non-finite values. "
-            "Check the learning rate and the input data, or run this layer in float."
-        )
-    if amax == 0:
-        return None
-    # frexp gives amax = f * 2**k with f in [0.5, 1), subnormals included.
-    return int(torch.frexp(amax).exponent) - 1, float(amax)
+    if not isinstance(exponent, torch.Tensor):
+        exponent = torch.tensor(exponent, dtype=torch.int64, device=x.device)
+    first = exponent.clamp(-126, 127)
+    second = (exponent - first).clamp(-126, 127)
+    return x * pow2(first) * pow2(second)
 
 
-def uniform_24bit(shape, generator: torch.Generator | None, device) -> torch.Tensor:
-    """Uniform integers in [0, 2**24) as int32: the u of stochastic rounding, scaled by 2**24.
-
-    Each 64-bit draw of the generator gives two of them (bits 0-23 and 32-55), which halves
-    the sequential generator work that dominates stochastic rounding on a CPU.
-    """
-    count = math.prod(shape)
-    words = torch.empty((count + 1) // 2, dtype=torch.int64, device=device).random_(generator=generator)
-    halves = words.view(torch.int32)[:count]
-    return halves.bitwise_and_(0xFFFFFF).view(shape)
+def bit_length(v: torch.Tensor) -> torch.Tensor:
+    """Elementwise number of bits of non-negative int64 values (0 for 0)."""
+    bits = torch.zeros_like(v)
+    for step in (32, 16, 8, 4, 2, 1):
+        bits = bits + ((v >> (bits + step)) > 0).to(torch.int64) * step
+    return bits + ((v >> bits) > 0).to(torch.int64)
 
 
-def round_mantissas(
-    v: torch.Tensor, rounding: str, generator: torch.Generator | None
-) -> torch.Tensor:
-    """Round float values to integers (still float): unbiased stochastic, or half-to-even.
-
-    ``v`` is overwritten.
-    """
-    if rounding == "nearest":
-        return torch.round(v)
-    if rounding != "stochastic":
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-    # floor(v) + [u < frac(v)]: frac is exact in float32 and so is frac * 2**24, so with
-    # u = r / 2**24 the probability of rounding up is ceil(frac * 2**24) / 2**24: a bias
-    # below 2**-24 of a step, where floor(v + u) would add a rounding of the sum.
-    r = uniform_24bit(v.shape, generator, v.device)
-    floor = torch.floor(v)
-    frac_scaled = v.sub_(floor).mul_(2.0**24)
-    return floor.add_(torch.lt(r, frac_scaled))
+def _finish(m: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clamp integer-valued ``m`` (float or int64) to ``+-qmax`` and count the clamps."""
+    limit = qmax(bits)
+    if m.is_floating_point() and bits > 24:
+        # Inductor's vectorised float32 -> int64 conversion goes wrong near 2**31 on CPU: widen
+        # to float64 first (exact) for the masters' 32-bit mappings.
+        m = m.to(torch.float64)
+    m = m.to(torch.int64)
+    clamped = (m.abs() > limit).sum()
+    return m.clamp(-limit, limit).to(mantissa_dtype(bits)), clamped
 
 
-def to_fixed(
-    x: torch.Tensor,
-    bits: int = 8,
-    rounding: str = "stochastic",
-    generator: torch.Generator | None = None,
-    where: str = "tensor",
-) -> FixedPoint:
+def shared_exponent(xf: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(section 1's exponent, whether every element is finite) of float32 ``xf``: the largest
+    magnitude's IEEE exponent, 0 for an all-zero tensor."""
+    amax = xf.abs().amax()
+    finite = torch.isfinite(amax)
+    top = torch.frexp(amax).exponent.to(torch.int64) - 1  # frexp: amax = f 2**k, f in [0.5, 1)
+    return torch.where((amax > 0) & finite, top - (bits - 2), 0), finite
+
+
+def rounded_mantissas(xf: torch.Tensor, exponent: torch.Tensor, rounding: str, key: int) -> torch.Tensor:
+    """``R(xf * 2**-exponent)``, integer values still in float32 (exact for up to 24 bits)."""
+    return round_float(scale_by_pow2(xf, -exponent), rounding, key)
+
+
+@fused
+def _map(x: torch.Tensor, bits: int, rounding: str, key: int):
+    """The mapping in one pass for the maximum and one for the mantissas."""
+    xf = x.to(torch.float32)
+    exponent, finite = shared_exponent(xf, bits)
+    m, clamped = _finish(rounded_mantissas(xf, exponent, rounding, key), bits)
+    return m, exponent, clamped, finite
+
+
+def to_fixed(x: torch.Tensor, bits: int = 8, rounding: str = "stochastic", key: int = 0,
+             where: str = "tensor") -> FixedPoint:
     """Map ``x`` to ``bits``-bit mantissas with one shared power-of-two exponent.
 
-    ``where`` names the op and layer in error messages.
+    ``key`` selects the stochastic draws (rounding.stream_key); ``where`` names the op and layer
+    when ``x`` holds NaN or Inf.
     """
+    fp, finite = map_deferred(x, bits, rounding, key)
+    if not bool(finite):
+        raise NonFiniteError(nonfinite_message(where))
+    return fp
+
+
+def map_deferred(x: torch.Tensor, bits: int, rounding: str, key: int) -> tuple[FixedPoint, torch.Tensor]:
+    """``to_fixed`` without waiting for the device: also returns a 0-dim bool tensor, False
+    when ``x`` held NaN or Inf (its mantissas are then meaningless)."""
+    check_rounding(rounding)
     dtype = mantissa_dtype(bits)
-    found = max_exponent(x, where)
-    if found is None:
-        return FixedPoint(torch.zeros(x.shape, dtype=dtype, device=x.device), 0, bits)
-    e, amax = found
-    exponent = e - (bits - 2)
-    limit = qmax(bits)
-    scaled = scale_by_pow2(x.detach().float(), -exponent)
-    m = round_mantissas(scaled, rounding, generator)
-    clamped = 0
-    # Only values within one step of 2**(e+1) can round past qmax.
-    if amax * 2.0**-exponent > limit:
-        clamped = int((m.abs() > limit).sum())
-        m.clamp_(-limit, limit)
-    return FixedPoint(m.to(dtype), exponent, bits, clamped)
+    if x.numel() == 0:
+        zero = torch.zeros((), dtype=torch.int64, device=x.device)
+        return FixedPoint(torch.zeros(x.shape, dtype=dtype, device=x.device), zero, bits, zero), zero == 0
+    m, exponent, clamped, finite = _map(x.detach(), bits, rounding, as_key(key))
+    return FixedPoint(m, exponent, bits, clamped), finite
 
 
-def from_fixed(acc: torch.Tensor, exponent: int) -> torch.Tensor:
+def from_fixed(acc: torch.Tensor, exponent) -> torch.Tensor:
     """The float32 nearest to ``acc * 2**exponent`` (ties to even).
 
     Integer-to-float32 conversion rounds to nearest even in one step; the power-of-two scale
@@ -151,76 +151,36 @@ def from_fixed(acc: torch.Tensor, exponent: int) -> torch.Tensor:
     return scale_by_pow2(acc.to(torch.float32), exponent)
 
 
-def shift_right(
-    mantissa: torch.Tensor,
-    shift: int,
-    rounding: str,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """Integer ``mantissa / 2**shift`` rounded, in int64: the re-alignment of two exponents.
-
-    Stochastic rounding adds a uniform integer in ``[0, 2**shift)`` before the arithmetic
-    shift, which is floor((m + u) / 2**shift): unbiased. Nearest rounds half to even.
-    """
-    m = mantissa.to(torch.int64)
-    if shift <= 0:
-        return m << (-shift)
-    if shift >= 62:
-        # The whole mantissa is below one step: stochastic keeps its expectation.
-        shift = 62
-    if rounding == "stochastic":
-        u = torch.randint(0, 2**shift, m.shape, generator=generator, device=m.device, dtype=torch.int64)
-        return (m + u) >> shift
-    half = 1 << (shift - 1)
-    q = m >> shift
-    rem = m - (q << shift)
-    round_up = (rem > half) | ((rem == half) & (q & 1).bool())
-    return q + round_up.to(torch.int64)
+@fused
+def _map_at(x: torch.Tensor, exponent: torch.Tensor, limit: int, rounding: str, key: int):
+    m = round_float(scale_by_pow2(x.to(torch.float32), -exponent), rounding, key).to(torch.int64)
+    clamped = (m.abs() > limit).sum()
+    return m.clamp(-limit, limit), clamped
 
 
-def requantize(
-    fp: FixedPoint,
-    bits: int,
-    rounding: str = "stochastic",
-    generator: torch.Generator | None = None,
-) -> FixedPoint:
-    """Narrow a wide fixed-point tensor to ``bits`` with integer shifts only.
-
-    The new exponent follows section 1: the largest magnitude lands in
-    ``[2**(b-2), 2**(b-1))``.
-    """
-    m = fp.mantissa.to(torch.int64)
-    dtype = mantissa_dtype(bits)
-    amax = int(m.abs().amax()) if m.numel() else 0
-    if amax == 0:
-        return FixedPoint(torch.zeros(m.shape, dtype=dtype, device=m.device), 0, bits)
-    top_bit = amax.bit_length() - 1
-    shift = top_bit - (bits - 2)
-    narrowed = shift_right(m, shift, rounding, generator)
-    limit = qmax(bits)
-    clamped = int((narrowed.abs() > limit).sum()) if shift > 0 else 0
-    narrowed = narrowed.clamp_(-limit, limit)
-    return FixedPoint(narrowed.to(dtype), fp.exponent + shift, bits, clamped)
-
-
-def to_fixed_at(
-    x: torch.Tensor,
-    exponent: int,
-    limit: int,
-    rounding: str = "stochastic",
-    generator: torch.Generator | None = None,
-    where: str = "tensor",
-) -> FixedPoint:
+def to_fixed_at(x: torch.Tensor, exponent: torch.Tensor, limit: int, rounding: str = "stochastic",
+                key: int = 0) -> FixedPoint:
     """Map ``x`` onto a given exponent, saturating at ``+-limit``: how a bias joins an
-    accumulator whose exponent the product already fixed. ``clamped`` counts saturations."""
-    max_exponent(x, where)  # raises on NaN/Inf
-    scaled = scale_by_pow2(x.detach().float(), -exponent)
-    m = round_mantissas(scaled, rounding, generator)
-    clamped = int((m.abs() > limit).sum())
-    if clamped:
-        m.clamp_(-limit, limit)
-    dtype = torch.int32 if limit < 2**31 else torch.int64
-    return FixedPoint(m.to(dtype), exponent, limit.bit_length() + 1, clamped)
+    accumulator whose exponent the product already fixed. The mantissa is int64."""
+    m, clamped = _map_at(x.detach(), exponent, limit, rounding, as_key(key))
+    return FixedPoint(m, exponent, limit.bit_length() + 1, clamped)
+
+
+@fused
+def _requantize(m: torch.Tensor, exponent: torch.Tensor, bits: int, rounding: str, key: int):
+    m = m.to(torch.int64)
+    top = bit_length(m.abs().amax())
+    shift = torch.where(top > 0, top - (bits - 1), 0)
+    narrowed, clamped = _finish(shift_right(m, shift, rounding, key), bits)
+    return narrowed, exponent + shift, clamped
+
+
+def requantize(mantissa: torch.Tensor, exponent: torch.Tensor, bits: int, rounding: str = "stochastic",
+               key: int = 0) -> FixedPoint:
+    """Narrow a wide fixed-point tensor to ``bits`` with integer shifts only (section 1's
+    exponent: the largest magnitude lands in ``[2**(b-2), 2**(b-1))``)."""
+    m, e, clamped = _requantize(mantissa, exponent, bits, rounding, as_key(key))
+    return FixedPoint(m, e, bits, clamped)
 
 
 def fixed_constant(value: float, bits: int) -> tuple[int, int]:
@@ -230,29 +190,3 @@ def fixed_constant(value: float, bits: int) -> tuple[int, int]:
     e = math.frexp(abs(value))[1] - 1
     exponent = e - (bits - 1)
     return round(value * 2.0**-exponent), exponent
-
-
-class WideFixed:
-    """An int64 mantissa tensor and its exponent, with the few operations SGD and the
-    running statistics of batch norm need."""
-
-    __slots__ = ("m", "e")
-
-    def __init__(self, m: torch.Tensor, e: int):
-        self.m, self.e = m, e
-
-    def times(self, constant: tuple[int, int]) -> "WideFixed":
-        return WideFixed(self.m * constant[0], self.e + constant[1])
-
-    def plus(self, other: "WideFixed", rounding, generator) -> "WideFixed":
-        """Align the finer operand onto the coarser exponent (a rounded right shift), add."""
-        if not bool(other.m.any()):
-            return self
-        if not bool(self.m.any()):
-            return other
-        coarse, fine = (self, other) if self.e >= other.e else (other, self)
-        return WideFixed(coarse.m + shift_right(fine.m, coarse.e - fine.e, rounding, generator), coarse.e)
-
-    def normalised(self, bits: int, rounding, generator) -> "WideFixed":
-        fp = requantize(FixedPoint(self.m, self.e, 64), bits, rounding, generator)
-        return WideFixed(fp.mantissa.to(torch.int64), fp.exponent)

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .fixed_point import ROUNDINGS
+from .rounding import ROUNDINGS
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "numerics"
 

@@ -1,9 +1,10 @@
-"""Integer SGD (NUMERICS.md section 8): PyTorch's SGD update in fixed-point arithmetic.
+"""Integer SGD (docs/numerics-contract.md section 8): PyTorch's SGD update in fixed point.
 
 Master weights and momentum buffers are wide integer mantissas (``numerics.master_bits``) with
-one exponent per tensor. The coefficients become fixed-point constants each step, products are
-integer multiplies in int64, operands are aligned by right shifts with stochastic rounding,
-and every result is re-normalised to ``master_bits``.
+one exponent per tensor. The coefficients become fixed-point constants each step; each parameter
+is updated by one fused kernel: the gradient mapped to ``master_bits``, integer products in
+int64, sums aligned on a 62-bit grid, and every stored result (momentum, master) re-normalised
+to ``master_bits`` with one rounding.
 """
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ from collections.abc import Mapping
 
 import torch
 
-from .fixed_point import FixedPoint, WideFixed, fixed_constant, from_fixed, to_fixed
+from .compiled import fused
+from .fixed_point import (FixedPoint, NonFiniteError, _finish, _requantize, fixed_constant, from_fixed,
+                          map_deferred, nonfinite_message, rounded_mantissas, shared_exponent)
 from .numerics import Numerics
-from .ops.weights import attach_master
+from .ops.norm import add_fixed
+from .ops.weights import attach_master, contexts_of
+from .rounding import RoundingStream
 
 
 def coefficient_bits(master_bits: int) -> int:
@@ -22,10 +27,51 @@ def coefficient_bits(master_bits: int) -> int:
     A master mantissa (< 2**(master_bits-1)) times a coefficient (< 2**bits) stays below
     2**61, and the sum of two aligned such terms below 2**62: int64 holds every product.
     """
-    return min(30, 62 - master_bits)
+    return min(30, 61 - master_bits)
+
 
 # The optimiser's random stream is offset from the model's, which starts at the same seed.
-GENERATOR_SEED_OFFSET = 0x5DEECE66D
+STREAM_SEED_OFFSET = 0x5DEECE66D
+
+
+def _normalised_sum(a, ea, b, eb, bits: int, rounding: str, key):
+    """``a 2**ea + b 2**eb`` re-normalised to ``bits``: one rounding of the stored result."""
+    total, grid = add_fixed(a, ea, b, eb)
+    m, e, _ = _requantize(total, grid, bits, rounding, key)
+    return m.to(torch.int64), e
+
+
+@fused
+def _update(grad, w, w_exp, buf, buf_exp, coefficients, flags, bits: int, rounding: str, keys):
+    """One parameter's step, flattened: returns (master, exponent, momentum, exponent, value).
+
+    ``coefficients``: fixed-point (mantissa, exponent) of -lr, momentum, 1 - dampening and
+    weight decay; ``flags``: (weight decay, momentum, first step, nesterov, maximize)."""
+    lr, mu, keep, wd = coefficients
+    has_wd, has_momentum, first, nesterov, maximize = flags
+    g = grad.to(torch.float32)
+    if maximize:
+        g = -g
+    g_exp, _ = shared_exponent(g, bits)
+    d, _ = _finish(rounded_mantissas(g, g_exp, rounding, keys[0]), bits)
+    d, d_exp = d.to(torch.int64), g_exp
+    if has_wd:
+        d, d_exp = _normalised_sum(d, d_exp, w * wd[0], w_exp + wd[1], bits, rounding, keys[1])
+    if has_momentum:
+        if first:
+            buf, buf_exp = d, d_exp
+        else:
+            buf, buf_exp = _normalised_sum(buf * mu[0], buf_exp + mu[1], d * keep[0], d_exp + keep[1], bits,
+                                           rounding, keys[2])
+        if nesterov:
+            d, d_exp = _normalised_sum(d, d_exp, buf * mu[0], buf_exp + mu[1], bits, rounding, keys[3])
+        else:
+            d, d_exp = buf, buf_exp
+    w, w_exp = _normalised_sum(w, w_exp, d * lr[0], d_exp + lr[1], bits, rounding, keys[4])
+    return w, w_exp, buf, buf_exp, from_fixed(w, w_exp)
+
+
+_update.min_numel = 0  # every parameter: the compiled kernel beats a dozen small eager ops
 
 
 class IntSGD(torch.optim.Optimizer):
@@ -44,26 +90,31 @@ class IntSGD(torch.optim.Optimizer):
             numerics = Numerics.from_dict(dict(numerics))
         numerics = numerics or Numerics.preset("int8")
         self.numerics = numerics
-        self._generators: dict[str, torch.Generator] = {}
+        self.stream = RoundingStream(numerics.seed + STREAM_SEED_OFFSET)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize)
         super().__init__(params, defaults)
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        if key not in self._generators:
-            self._generators[key] = torch.Generator(device=device).manual_seed(self.numerics.seed + GENERATOR_SEED_OFFSET)
-        return self._generators[key]
-
-    def _master(self, p: torch.Tensor, state: dict) -> WideFixed:
-        """The fixed-point master, re-read from ``p`` if something else changed ``p``."""
-        if "master" in state:
-            master = WideFixed(state["master"], state["master_exponent"])
-            if torch.equal(from_fixed(master.m, master.e), p.detach()):
-                return master
+    def _master(self, p: torch.Tensor, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fixed-point master; read again from ``p`` if ``p`` changed since the last step
+        (its version counter moved: an in-place write such as ``load_state_dict``)."""
+        if "master" in state and state.get("version") == p._version:
+            return state["master"], state["master_exponent"]
         # float32 has 24 significant bits, so a >= 24-bit master holds p exactly.
-        fp = to_fixed(p.detach(), self.numerics.master_bits, "nearest", where="IntSGD master weight")
-        return WideFixed(fp.mantissa.to(torch.int64), fp.exponent)
+        fp, _ = map_deferred(p.detach(), self.numerics.master_bits, "nearest", 0)
+        return fp.mantissa.to(torch.int64), fp.exponent
+
+    def _check_finite(self, params: list[torch.Tensor]) -> None:
+        """One read of the device per step: the mappings of the model's forward and backward,
+        and every gradient. Nothing is updated when one of them held NaN or Inf."""
+        for ctx in contexts_of(params):
+            ctx.check_finite()
+        grads = [p.grad for p in params]
+        found = torch.zeros(1, device=grads[0].device)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=found.device))
+        if bool(found):
+            index, p = next((i, p) for i, p in enumerate(params) if not bool(torch.isfinite(p.grad).all()))
+            raise NonFiniteError(nonfinite_message(f"IntSGD gradient of parameter {index} (shape {tuple(p.shape)})"))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -73,45 +124,43 @@ class IntSGD(torch.optim.Optimizer):
                 loss = closure()
         bits, rounding = self.numerics.master_bits, self.numerics.rounding
         cbits = coefficient_bits(bits)
-        for group_index, group in enumerate(self.param_groups):
-            lr = fixed_constant(-group["lr"], cbits)
-            mu = fixed_constant(group["momentum"], cbits)
-            keep = fixed_constant(1.0 - group["dampening"], cbits)
-            wd = fixed_constant(group["weight_decay"], cbits)
-            for index, p in enumerate(group["params"]):
+        with_grads = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if with_grads:
+            self._check_finite(with_grads)
+        for group in self.param_groups:
+            constants = [fixed_constant(value, cbits) for value in
+                         (-group["lr"], group["momentum"], 1.0 - group["dampening"], group["weight_decay"])]
+            # Tensors: the learning rate changes every step, and a compiled kernel must not
+            # be specialised for it.
+            coefficients = tuple((torch.tensor(m), torch.tensor(e)) for m, e in constants)
+            for p in group["params"]:
                 if p.grad is None:
                     continue
-                gen = self._generator(p.device)
-                where = f"IntSGD gradient of parameter {index} (shape {tuple(p.shape)}) in group {group_index}"
-                grad = -p.grad if group["maximize"] else p.grad
-                g = to_fixed(grad, bits, rounding, gen, where)
-                d = WideFixed(g.mantissa.to(torch.int64), g.exponent)
                 state = self.state[p]
-                w = self._master(p, state)
-                if wd[0]:
-                    d = d.plus(w.times(wd), rounding, gen).normalised(bits, rounding, gen)
-                if mu[0]:
-                    if "momentum" not in state:
-                        buf = WideFixed(d.m.clone(), d.e)
-                    else:
-                        buf = WideFixed(state["momentum"], state["momentum_exponent"]).times(mu)
-                        buf = buf.plus(d.times(keep), rounding, gen).normalised(bits, rounding, gen)
-                    state["momentum"], state["momentum_exponent"] = buf.m, buf.e
-                    d = d.plus(buf.times(mu), rounding, gen).normalised(bits, rounding, gen) if group["nesterov"] else buf
-                w = w.plus(d.times(lr), rounding, gen).normalised(bits, rounding, gen)
-                state["master"], state["master_exponent"] = w.m, w.e
-                p.data.copy_(from_fixed(w.m, w.e))
-                attach_master(p, FixedPoint(w.m, w.e, bits))
+                w, w_exp = self._master(p, state)
+                first = "momentum" not in state
+                buf = state.get("momentum", w)
+                buf_exp = state.get("momentum_exponent", w_exp)
+                flags = (constants[3][0] != 0, constants[1][0] != 0, first, group["nesterov"], group["maximize"])
+                keys = tuple(self.stream.next_key() for _ in range(5))
+                w, w_exp, buf, buf_exp, value = _update(p.grad.reshape(-1), w.reshape(-1), w_exp, buf.reshape(-1),
+                                                        buf_exp, coefficients, flags, bits, rounding, keys)
+                if flags[1]:
+                    state["momentum"], state["momentum_exponent"] = buf.view(p.shape), buf_exp
+                state["master"], state["master_exponent"] = w.view(p.shape), w_exp
+                p.copy_(value.view(p.shape))
+                state["version"] = p._version
+                attach_master(p, FixedPoint(state["master"], w_exp, bits))
         return loss
 
     def state_dict(self):
         state = super().state_dict()
-        state["generators"] = {k: g.get_state() for k, g in self._generators.items()}
+        state["stream"] = self.stream.state_dict()
         return state
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
-        generators = state_dict.pop("generators", {})
+        stream = state_dict.pop("stream", None)
         super().load_state_dict(state_dict)
         # torch casts every state tensor to the parameter's float dtype: put the integer
         # mantissas back exactly.
@@ -123,16 +172,15 @@ class IntSGD(torch.optim.Optimizer):
                 if isinstance(value, torch.Tensor) and not value.is_floating_point():
                     p = by_id[param_id]
                     self.state[p][key] = value.to(p.device, copy=True)
-        for key, rng_state in generators.items():
-            self._generator(torch.device(key)).set_state(rng_state)
-        # Layers map weights from the masters again, as they did before the save.
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p, {})
-                if "master" in state:
-                    master = WideFixed(state["master"], state["master_exponent"])
-                    if torch.equal(from_fixed(master.m, master.e), p.detach()):
-                        attach_master(p, FixedPoint(master.m, master.e, self.numerics.master_bits))
+        if stream is not None:
+            self.stream.load_state_dict(stream)
+        # Layers map weights from the masters again, as they did before the save, where the
+        # parameters hold the masters' values.
+        for p in current:
+            state = self.state.get(p, {})
+            if "master" in state and torch.equal(from_fixed(state["master"], state["master_exponent"]), p.detach()):
+                state["version"] = p._version
+                attach_master(p, FixedPoint(state["master"], state["master_exponent"], self.numerics.master_bits))
 
 
 def build_optimizer(params, numerics: Numerics, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):

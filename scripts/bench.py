@@ -1,12 +1,23 @@
-"""Training-step time and peak memory, int8 over fp32, measured in one run on this machine.
+"""Training-step time and peak memory of integer against float training, measured in one run.
 
     python scripts/bench.py [--json] [--steps N] [--device cpu|cuda] [--models resnet18_cifar,...]
 
 Each (model, numerics) pair runs in its own subprocess so that peak memory is its own: on CPU
 the peak resident set size above the process's size before the first step; on CUDA
 ``torch.cuda.max_memory_allocated``. The step is a full training step: forward, cross-entropy,
-backward and the optimiser (torch SGD for fp32, IntSGD for int8). Reported time: the median of
-``--steps`` steps after one warm-up step.
+backward and the optimiser (torch SGD for fp32 and bf16, IntSGD for int8). Reported time: the
+median of ``--steps`` steps after two warm-up steps (the first compiles the fused kernels).
+
+Per model, one JSON object (``--json``: each as it is measured, then all of them on the last
+line, keyed by model name):
+- ``fp32_step_s``, ``int8_step_s``, ``ratio`` (int8 over fp32), ``peak_mem_ratio``;
+- ``bf16_step_s`` and ``bf16_ratio``: float32 under bfloat16 autocast, where the device runs it;
+- ``optimizer_ratio``: one IntSGD step over one ``torch.optim.SGD(foreach=True)`` step on the
+  same parameters and gradients;
+- ``non_gemm_share``: the share of the int8 step's self time outside GEMM and convolution
+  kernels (torch.profiler, one step);
+- ``cpu``: the instruction-set level PyTorch reports; ``kernels``: the GEMM and convolution
+  kernels the native backend chose.
 """
 from __future__ import annotations
 
@@ -24,6 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 BATCH = 64
+# Self time in these ops is the arithmetic itself (integer or float GEMMs and convolutions).
+GEMM_OPS = {"aten::_int_mm", "aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::mkldnn_convolution",
+            "aten::convolution_backward", "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward",
+            "aten::cudnn_convolution", "aten::mkldnn_matmul"}
 
 
 def build_model(name: str):
@@ -35,14 +50,26 @@ def build_model(name: str):
         model = torchvision.models.get_model("resnet18", weights=None, num_classes=10)
         model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         model.maxpool = torch.nn.Identity()
-        return model
+        return model, 32
     if name == "vit_tiny_cifar":
-        return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=4)
-    raise ValueError(f"unknown benchmark model {name!r}; available: resnet18_cifar, vit_tiny_cifar")
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=4), 32
+    if name == "vit_b16":
+        return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=1000), 224
+    raise ValueError(f"unknown benchmark model {name!r}; available: resnet18_cifar, vit_tiny_cifar, vit_b16")
+
+
+def _timed(fn, device: str) -> float:
+    import torch
+
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def measure(model_name: str, numerics_name: str, steps: int, device: str) -> dict:
-    """One (model, numerics) pair, in this process."""
+    """One (model, numerics) pair, in this process. ``bf16`` is fp32 under bfloat16 autocast."""
     import torch
     import torch.nn.functional as F
 
@@ -50,99 +77,133 @@ def measure(model_name: str, numerics_name: str, steps: int, device: str) -> dic
     from intrain_core.optim import build_optimizer
 
     torch.manual_seed(0)
-    numerics = Numerics.preset(numerics_name)
-    model = convert(build_model(model_name).to(device), numerics)
+    numerics = Numerics.preset("fp32" if numerics_name == "bf16" else numerics_name)
+    model, size = build_model(model_name)
+    model = convert(model.to(device), numerics)
+    classes = 1000 if model_name == "vit_b16" else 10
     optimizer = build_optimizer(model.parameters(), numerics, lr=0.01, momentum=0.9, weight_decay=5e-4)
-    x = torch.randn(BATCH, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (BATCH,), device=device)
+    x = torch.randn(BATCH, 3, size, size, device=device)
+    y = torch.randint(0, classes, (BATCH,), device=device)
 
-    def step():
-        loss = F.cross_entropy(model(x), y)
+    def forward_backward():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=numerics_name == "bf16"):
+            loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+
+    def step():
+        forward_backward()
         optimizer.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
 
     rss_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(steps + 1):
-        start = time.perf_counter()
+    for _ in range(2):  # allocators, kernel choice, compilation
+        _timed(step, device)
+    times = [_timed(step, device) for _ in range(steps)]
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before_kib) * 1024)
+    result = {"step_s": statistics.median(times), "peak_bytes": peak}
+    if numerics_name == "int8":
+        forward_backward()
+        result["optimizer_s"] = statistics.median(_timed(optimizer.step, device) for _ in range(steps))
+        reference = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=True)
+        reference.step()
+        result["sgd_s"] = statistics.median(_timed(reference.step, device) for _ in range(steps))
+        result["non_gemm_share"] = _non_gemm_share(step)
+        result["kernels"] = _kernels(device)
+    return result
+
+
+def _non_gemm_share(step) -> float:
+    from torch.profiler import profile
+
+    with profile() as prof:
         step()
-        if i:  # the first step warms up allocators and kernel selection
-            times.append(time.perf_counter() - start)
-    if device == "cuda":
-        peak_bytes = torch.cuda.max_memory_allocated()
-    else:
-        peak_bytes = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before_kib) * 1024
-    return {"step_s": statistics.median(times), "peak_bytes": peak_bytes}
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    gemm = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS)
+    return 1.0 - gemm / total if total else 0.0
 
 
-def run_isolated(model_name: str, numerics_name: str, steps: int, device: str) -> dict:
+def _kernels(device: str) -> dict:
+    from intrain_core.backends.native import gemm_kernel
+
+    return {"gemm": gemm_kernel(device), "conv": "float_exact"}
+
+
+def run_isolated(model_name: str, numerics_name: str, steps: int, device: str) -> dict | None:
     out = subprocess.run(
         [sys.executable, __file__, "--one", model_name, numerics_name, "--steps", str(steps), "--device", device],
-        check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
+    if out.returncode != 0:
+        if numerics_name == "bf16":  # not every device runs bfloat16 autocast
+            return None
+        raise SystemExit(f"bench: {model_name} {numerics_name} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def kernel_note(device: str) -> str:
+def summary(model_name: str, steps: int, device: str) -> dict:
     import torch
 
-    from intrain_core.backends.native import gemm_kernel
+    fp32 = run_isolated(model_name, "fp32", steps, device)
+    int8 = run_isolated(model_name, "int8", steps, device)
+    bf16 = run_isolated(model_name, "bf16", steps, device)
+    result = {
+        "model": model_name,
+        "fp32_step_s": round(fp32["step_s"], 4),
+        "int8_step_s": round(int8["step_s"], 4),
+        "ratio": round(int8["step_s"] / fp32["step_s"], 3),
+        "peak_mem_ratio": round(int8["peak_bytes"] / max(fp32["peak_bytes"], 1), 3),
+        "optimizer_ratio": round(int8["optimizer_s"] / int8["sgd_s"], 3),
+        "non_gemm_share": round(int8["non_gemm_share"], 3),
+        "cpu": torch.backends.cpu.get_cpu_capability(),
+        "machine": cpu_name(),
+        "kernels": int8["kernels"],
+    }
+    if bf16 is not None:
+        result["bf16_step_s"] = round(bf16["step_s"], 4)
+        result["bf16_ratio"] = round(bf16["step_s"] / fp32["step_s"], 3)
+    return result
 
-    a = torch.randint(-127, 128, (1024, 1024), dtype=torch.int8, device=device)
-    b = torch.randint(-127, 128, (1024, 1024), dtype=torch.int8, device=device)
-    af, bf = a.float(), b.float()
 
-    def best(fn):
-        fn()
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    int_s, float_s = best(lambda: torch._int_mm(a, b)), best(lambda: af @ bf)
-    return (
-        f"1024^3 GEMM: torch._int_mm {int_s * 1e3:.2f} ms, float32 {float_s * 1e3:.2f} ms "
-        f"(int8/fp32 time ratio {int_s / float_s:.2f}); native kernel chosen: {gemm_kernel(device)}"
-    )
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", action="store_true", help="print one JSON object only")
+    parser.add_argument("--json", action="store_true", help="one JSON object per model per line")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--models", default="resnet18_cifar,vit_tiny_cifar")
+    parser.add_argument("--models", default=None, help="default: resnet18_cifar,vit_tiny_cifar (and vit_b16 on cuda)")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "NUMERICS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(*args.one, args.steps, args.device)))
         return
-    results = {}
-    for model_name in args.models.split(","):
-        fp32 = run_isolated(model_name, "fp32", args.steps, args.device)
-        int8 = run_isolated(model_name, "int8", args.steps, args.device)
-        results[model_name] = {
-            "fp32_step_s": round(fp32["step_s"], 4),
-            "int8_step_s": round(int8["step_s"], 4),
-            "ratio": round(int8["step_s"] / fp32["step_s"], 3),
-            "peak_mem_ratio": round(int8["peak_bytes"] / max(fp32["peak_bytes"], 1), 3),
-        }
+    models = args.models or ("resnet18_cifar,vit_tiny_cifar" + (",vit_b16" if args.device == "cuda" else ""))
+    results = []
+    for name in models.split(","):
+        results.append(summary(name, args.steps, args.device))
+        if args.json:
+            print(json.dumps(results[-1]), flush=True)
     if args.json:
-        print(json.dumps(results))
+        print(json.dumps({r["model"]: r for r in results}))
         return
-    print(kernel_note(args.device))
-    print(f"{'model':<18}{'fp32 step s':>12}{'int8 step s':>12}{'time ratio':>12}{'peak mem ratio':>16}")
-    for name, r in results.items():
-        print(f"{name:<18}{r['fp32_step_s']:>12.3f}{r['int8_step_s']:>12.3f}{r['ratio']:>12.2f}{r['peak_mem_ratio']:>16.2f}")
+    print(f"{cpu_name()} ({results[0]['cpu']}), batch {BATCH}, device {args.device}")
+    print(f"{'model':<16}{'fp32 s':>9}{'int8 s':>9}{'ratio':>7}{'bf16':>7}{'mem':>7}{'opt':>7}{'non-GEMM':>10}  kernels")
+    for r in results:
+        print(f"{r['model']:<16}{r['fp32_step_s']:>9.3f}{r['int8_step_s']:>9.3f}{r['ratio']:>7.2f}"
+              f"{r.get('bf16_ratio', float('nan')):>7.2f}{r['peak_mem_ratio']:>7.2f}{r['optimizer_ratio']:>7.2f}"
+              f"{r['non_gemm_share']:>10.2f}  {r['kernels']}")
 
 
 if __name__ == "__main__":

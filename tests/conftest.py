@@ -12,6 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 
+# Eager kernels unless a test asks for compiled ones (intrain_core.compiled.compilation): the
+# suite's many short runs would each pay the compiler's start-up, and both give the same bits.
+os.environ.setdefault("INTRAIN_COMPILE", "0")
+
 # Two xdist workers on two cores: one thread each, or they fight over the cores.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch

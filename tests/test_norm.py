@@ -29,9 +29,9 @@ def test_integer_square_root_and_reciprocal():
     v = torch.tensor([2**60, 2**62 - 1, 3 * 2**59 + 12345, 2**61 + 1])
     assert isqrt(v).tolist() == [math.isqrt(int(a)) for a in v]
     values = torch.tensor([1, 4, 100, 12345678901, 2**62 - 1])
-    inv, exponent = reciprocal_sqrt(values, 2)
+    inv, exponent = reciprocal_sqrt(values)
     approx = inv.double() * torch.pow(2.0, exponent.double())
-    exact = 1 / (values.double() * 4).sqrt()
+    exact = 1 / values.double().sqrt()
     # 31-bit reciprocal of a 31-bit root: relative error below 2 * 2**-30
     assert ((approx - exact).abs() <= exact * 2.0**-29).all()
 
@@ -161,8 +161,10 @@ def test_zero_and_constant_inputs_stay_finite(fill):
 def test_nan_input_names_the_layer():
     x = torch.randn(2, 3, 4)
     x[0, 0, 0] = float("nan")
+    ctx = make_ctx()
+    norm.layer_norm(ctx, x, (4,), layer="encoder.norm1")  # the check is deferred to once per step
     with pytest.raises(NonFiniteError, match="encoder.norm1"):
-        norm.layer_norm(make_ctx(), x, (4,), layer="encoder.norm1")
+        ctx.check_finite()
 
 
 def test_channel_of_equal_values_is_scaled_by_eps_as_in_float():

@@ -35,14 +35,7 @@ def kill_after_first_checkpoint(tmp_path, args, ckpt):
     return process.wait()
 
 
-GEMM_BENCHMARK_DRAWS = pytest.mark.xfail(
-    strict=True, reason="intrain_core.backends.native.gemm_kernel benchmarks its CPU kernels on torch.randint from the "
-    "global RNG at a process's first integer GEMM: a resumed process draws it inside an epoch (the new run drew it in "
-    "the coverage step, which is undone), so that epoch's augmentation differs from the second batch on. Passes with "
-    "INTRAIN_GEMM_KERNEL set; fixed when the benchmark draws from its own generator")
-
-
-@pytest.mark.parametrize("numerics", ["fp32", pytest.param("int8", marks=GEMM_BENCHMARK_DRAWS)])
+@pytest.mark.parametrize("numerics", ["fp32", "int8"])
 def test_a_killed_run_resumed_in_a_new_process_ends_bit_identical(tmp_path, numerics):
     whole = train_subprocess(tmp_path, *settings(tmp_path, numerics, "whole"))
     assert whole.returncode == 0, whole.stdout + whole.stderr

@@ -1,20 +1,26 @@
-"""Integer batch norm, layer norm and group norm (NUMERICS.md section 4).
+"""Integer batch norm, layer norm and group norm (docs/numerics-contract.md section 4).
 
-Every norm is the same computation on a grouped view ``(groups, n)`` of the mapped input:
-batch norm groups by channel, group norm by (sample, group), layer norm by row.
+Every norm is one computation on a view ``(A, G, B)`` of the mapped input, normalised over A
+and B for each of the G groups: batch norm is ``(N, C, HW)``, group norm ``(1, N groups, rest)``,
+layer norm ``(1, rows, features)``. No copy is made for a contiguous input.
 
-Training statistics need no division: with integer mantissas ``m`` (exponent ``s``),
-``S1 = sum m`` and ``S2 = sum m**2`` in int64,
+Training statistics need no division: with integer mantissas ``m`` (exponent ``s``) and
+``n = A B`` values per group, ``S1 = sum m`` and ``S2 = sum m**2`` in int64,
 
     x - mean = c / n * 2**s,   c = n m - S1
     var + eps = V / n**2 * 2**(2s),   V = n S2 - S1**2 + eps n**2 2**(-2s)
     xhat = c / sqrt(V)
 
-``1/sqrt(V)`` is a fixed-point iteration: V is shifted (by an even amount) into
-``[2**60, 2**62)``, its integer square root Q in ``[2**30, 2**31)`` comes from Newton's
-iteration ``y <- (y + V // y) // 2`` on int64, and ``2**61 // Q`` is the reciprocal with 31
-significant bits. ``xhat`` is kept with FRACTION_BITS fractional bits (round half up), far
-finer than the 8-bit input it is computed from.
+V is shifted left by an even amount until eps has EPS_BITS significant bits (a channel of equal
+values has V = eps alone). ``1/sqrt(V)`` is a fixed-point iteration: V is shifted (by an even
+amount) into ``[2**60, 2**62)``, its integer square root Q in ``[2**30, 2**31)`` comes from
+Newton's iteration ``y <- (y + V // y) // 2`` on int64, and ``2**61 // Q`` is the reciprocal
+with 31 significant bits. ``xhat`` is kept with FRACTION_BITS fractional bits (round half up),
+far finer than the 8-bit input it is computed from.
+
+The forward saves only the int8 mantissas and per-group integers; the backward recomputes
+``xhat`` from them. Each direction is one fused kernel: a pass for the statistics, one for the
+output.
 """
 from __future__ import annotations
 
@@ -22,7 +28,9 @@ import math
 
 import torch
 
-from ..fixed_point import WideFixed, fixed_constant, from_fixed, to_fixed, to_fixed_at
+from ..compiled import fused
+from ..fixed_point import bit_length, fixed_constant, from_fixed, map_deferred, qmax, requantize, to_fixed_at
+from ..rounding import round_half_up_shift, shift_right
 from .weights import map_weight
 
 FRACTION_BITS = 16
@@ -32,42 +40,7 @@ OPERAND_BITS = 31
 STATISTICS_BITS = 32  # running mean/var as fixed point while they are updated
 # eps is kept to float32's precision: it is all of var + eps for a channel of equal values.
 EPS_BITS = 24
-
-
-def bit_length(v: torch.Tensor) -> torch.Tensor:
-    """Elementwise number of bits of non-negative int64 values (0 for 0)."""
-    bits = torch.zeros_like(v)
-    for shift in (32, 16, 8, 4, 2, 1):
-        high = (v >> (bits + shift)) > 0
-        bits = bits + high.long() * shift
-    return bits + (v >> bits > 0).long()
-
-
-def round_shift(v: torch.Tensor, shift: torch.Tensor | int) -> torch.Tensor:
-    """``v / 2**shift`` rounded half up; a negative shift multiplies exactly."""
-    if not isinstance(shift, torch.Tensor):
-        shift = int(shift)
-        if shift > 0:
-            return (v + (1 << (shift - 1))) >> shift
-        return v << -shift if shift < 0 else v
-    # Per-group shifts are small tensors: build them once, then two or three passes over v.
-    shift = shift.to(device=v.device, dtype=torch.int64)
-    right, left = shift.clamp(min=0), (-shift).clamp(min=0)
-    half = (right > 0).long() << (right - 1).clamp(min=0)
-    if bool((left > 0).any()):
-        v = v << left
-    return (v + half) >> right
-
-
-def max_bit_length(v: torch.Tensor) -> int:
-    """Bits of the largest magnitude of an int64 tensor (0 for an empty or all-zero one)."""
-    return int(bit_length(v.abs().amax().reshape(1))[0]) if v.numel() else 0
-
-
-def narrow(v: torch.Tensor, bits: int = OPERAND_BITS) -> tuple[torch.Tensor, int]:
-    """Shift a whole int64 tensor right so that it fits in ``bits``; returns (v, shift)."""
-    shift = max(0, max_bit_length(v) - bits)
-    return (round_shift(v, shift) if shift else v), shift
+_NO_VALUE = -(2**40)  # the top exponent of an all-zero tensor: below every real one
 
 
 def isqrt(v: torch.Tensor) -> torch.Tensor:
@@ -75,166 +48,246 @@ def isqrt(v: torch.Tensor) -> torch.Tensor:
     y = torch.full_like(v, 2**31)
     for _ in range(8):  # from within a factor 2 of the root, 6 steps reach 31 bits
         y = (y + v // y) >> 1
-    y = y - (y * y > v).long()
-    return y + ((y + 1) * (y + 1) <= v).long()
+    y = y - (y * y > v).to(torch.int64)
+    return y + ((y + 1) * (y + 1) <= v).to(torch.int64)
 
 
-def reciprocal_sqrt(v: torch.Tensor, exponent: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """1 / sqrt(v * 2**exponent) per element of a positive int64 tensor, ``exponent`` even,
-    as (mantissa in (2**30, 2**31], per-element exponent)."""
+def reciprocal_sqrt(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 / sqrt(v) per element of a positive int64 tensor, as (mantissa in (2**30, 2**31],
+    exponent)."""
     p = (62 - bit_length(v)) // 2  # v * 4**p has 61 or 62 bits: in [2**60, 2**62)
     scaled = torch.where(p >= 0, v << (2 * p).clamp(min=0), v >> (-2 * p).clamp(min=0))
-    inv = (1 << 61) // isqrt(scaled)
-    return inv, p - 61 - exponent // 2
+    return (1 << 61) // isqrt(scaled), p - 61
 
 
-def _exponent_of(value: float) -> int:
-    """floor(log2(value)) of a positive float."""
+def narrow(v: torch.Tensor, bits: int = OPERAND_BITS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shift a whole int64 tensor right so that it fits in ``bits``; returns (v, shift)."""
+    shift = (bit_length(v.abs().amax()) - bits).clamp(min=0)
+    return round_half_up_shift(v, shift), shift
+
+
+def _floor_log2(value: float) -> int:
     return math.frexp(value)[1] - 1
 
 
-def _eps_shift(eps_value: float, exponent: int, variance: torch.Tensor) -> int:
-    """The even left shift of ``variance`` (units 2**exponent) that gives ``eps_value`` EPS_BITS
-    significant bits, as far as int64 allows.
+# --- training statistics --------------------------------------------------------------------
+@fused
+def _batch_statistics(m: torch.Tensor, exponent: torch.Tensor, eps_m: int, eps_e: int):
+    """Per group of the (A, G, B) view: S1, V, and 1/sqrt(V + eps) as (mantissa, exponent) with
+    V shifted left by 2k (k folded into the exponent). ``eps_m 2**eps_e = eps n**2`` with
+    EPS_BITS significant bits, added in V's units."""
+    n = m.shape[0] * m.shape[2]
+    wide = m.to(torch.int64)
+    s1 = wide.sum((0, 2), keepdim=True)
+    s2 = (wide * wide).sum((0, 2), keepdim=True)
+    variance = n * s2 - s1 * s1
+    # In V's units, 2**(2s), eps is eps_m 2**(eps_e - 2s): below one unit when few values share a
+    # large exponent. Shift V left (an even amount, within int64) until eps is whole.
+    room = 61 - bit_length(variance.amax())
+    shift = (-(eps_e - 2 * exponent)).clamp(min=0).minimum(room).clamp(min=0)
+    shift = shift - shift % 2
+    eps_int = round_half_up_shift(torch.full_like(s1, eps_m), -(eps_e - 2 * exponent + shift))
+    inv, inv_exp = reciprocal_sqrt(((variance << shift) + eps_int).clamp(min=1))
+    return s1, variance, inv, inv_exp + shift // 2
 
-    In the variance's own units eps is ``eps_value * 2**-exponent``: below one unit when few
-    values share a large exponent (batch norm over 4 values of magnitude 2: eps n**2 = 1.6e-4
-    with units of 2**-10). Rounded there, it vanishes, a channel of equal values gets
-    var + eps = 0 instead of eps, and its backward scales gradients by far more than 1/sqrt(eps).
+
+def _centred_shift(n: int, bits: int) -> int:
+    """The right shift that keeps c = n m - S1 (|c| <= 2 n qmax) within OPERAND_BITS."""
+    return max(0, (2 * n * qmax(bits)).bit_length() - OPERAND_BITS)
+
+
+def _xhat(m, s1, inv, inv_exp, n, c_shift: int):
+    """xhat with FRACTION_BITS fractional bits: c 2**k / sqrt(V) for c = n m - s1."""
+    c = round_half_up_shift(n * m.to(torch.int64) - s1, c_shift)
+    return round_half_up_shift(c * inv, -(inv_exp + FRACTION_BITS + c_shift))
+
+
+# --- evaluation statistics ------------------------------------------------------------------
+def _running_inverse(var_r: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """1/sqrt(running_var + eps) per channel as (mantissa, exponent), var and eps added as integers."""
+    v, _ = map_deferred(var_r.detach().float(), STATISTICS_BITS, "nearest", 0)
+    # eps keeps EPS_BITS where the variances leave room (a channel's may be 0); even, for the root
+    v_exp = torch.maximum(v.exponent - (62 - STATISTICS_BITS),
+                          torch.minimum(v.exponent, torch.tensor(_floor_log2(eps) - EPS_BITS, device=var_r.device)))
+    v_exp = v_exp - v_exp % 2
+    v_int = v.mantissa.to(torch.int64) << (v.exponent - v_exp)
+    eps_m, eps_e = fixed_constant(eps, EPS_BITS)
+    v_int = v_int + round_half_up_shift(torch.full_like(v_int, eps_m), v_exp - eps_e)
+    inv, inv_exp = reciprocal_sqrt(v_int.clamp(min=1))
+    return inv, inv_exp - v_exp // 2
+
+
+def _eval_xhat(m, exponent, mean_fixed, inv, inv_exp):
+    """xhat = (x - running_mean) / sqrt(running_var + eps) with FRACTION_BITS fractional bits;
+    c is in units of 2**(s - FRACTION_BITS)."""
+    c, c_shift = narrow((m.to(torch.int64) << FRACTION_BITS) - mean_fixed)
+    return round_half_up_shift(c * inv, -(inv_exp + exponent + c_shift))
+
+
+# --- affine and backward ----------------------------------------------------------------------
+def _affine(xhat, gamma_m, beta_m, exponent):
+    acc = xhat
+    if gamma_m is not None:
+        acc = acc * gamma_m.to(torch.int64)
+    if beta_m is not None:
+        acc = acc + beta_m
+    return from_fixed(acc, exponent)
+
+
+@fused
+def _forward_training(m, s1, inv, inv_exp, n, c_shift: int, gamma_m, beta_m, exponent, shape):
+    xhat = _xhat(m, s1, inv, inv_exp, n, c_shift).reshape(shape)
+    return _affine(xhat, gamma_m, beta_m, exponent)
+
+
+@fused
+def _forward_evaluation(m, x_exp, mean_fixed, inv, inv_exp, gamma_m, beta_m, exponent, shape):
+    xhat = _eval_xhat(m, x_exp, mean_fixed, inv, inv_exp).reshape(shape)
+    return _affine(xhat, gamma_m, beta_m, exponent)
+
+
+@fused
+def _backward_training(m, s1, inv, inv_exp, g, gamma_m, n, c_shift: int, scale_shift: int, x_exp, g_exp, gamma_exp,
+                       affine_dims: tuple):
+    """d(loss)/dx for batch statistics, and the affine gradients, all integer.
+
+    With d = g gamma (exponent g_exp + gamma_exp) and xhat in FRACTION_BITS fixed point:
+    dx = rstd (d - mean(d) - xhat mean(d xhat)), rstd = n inv 2**(inv_exp - x_exp).
+    ``m``, ``s1`` and ``inv`` are in the (A, G, B) view; ``g`` and ``gamma_m`` in x's shape.
     """
-    if eps_value <= 0:
-        return 0
-    wanted = EPS_BITS - 1 - (_exponent_of(eps_value) - exponent)
-    shift = max(0, min(wanted, 61 - max_bit_length(variance)))
-    return shift - shift % 2
+    shape = g.shape
+    xhat = _xhat(m, s1, inv, inv_exp, n, c_shift)
+    gw = g.to(torch.int64).reshape(m.shape)
+    grad_weight = (gw * xhat).reshape(shape).sum(affine_dims) if gamma_m is not None else None
+    grad_bias = gw.reshape(shape).sum(affine_dims)
+    d = gw if gamma_m is None else (g.to(torch.int64) * gamma_m.to(torch.int64)).reshape(m.shape)
+    total = d.sum((0, 2), keepdim=True)
+    # |sum(d xhat)| / n <= rms(d) rms(xhat) (Cauchy-Schwarz): below 2**(16 + 16).
+    projection = (d * xhat).sum((0, 2), keepdim=True)
+    inner = (d << FRACTION_BITS) - torch.div(total << FRACTION_BITS, n, rounding_mode="floor")
+    inner = inner - round_half_up_shift(xhat * torch.div(projection, n, rounding_mode="floor"), FRACTION_BITS)
+    inner, inner_shift = narrow(inner)
+    scale = round_half_up_shift(inv * n, scale_shift)
+    exponent = inv_exp + scale_shift - x_exp + g_exp + gamma_exp - FRACTION_BITS + inner_shift
+    grad_x = from_fixed(inner * scale, exponent).reshape(shape)
+    return grad_x, grad_weight, grad_bias
 
 
-def to_common_exponent(mantissa: torch.Tensor, exponent: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Per-group exponents onto the largest one (rounded right shifts): one shared exponent."""
-    top = int(exponent.max())
-    return round_shift(mantissa, top - exponent), top
+@fused
+def _backward_evaluation(m, exponent, mean_fixed, inv, inv_exp, g, gamma_m, g_exp, gamma_exp, affine_dims: tuple):
+    """d(loss)/dx with running statistics: dx = d rstd; and the affine gradients."""
+    shape = g.shape
+    xhat = _eval_xhat(m, exponent, mean_fixed, inv, inv_exp)
+    gw = g.to(torch.int64).reshape(m.shape)
+    grad_weight = (gw * xhat).reshape(shape).sum(affine_dims) if gamma_m is not None else None
+    grad_bias = gw.reshape(shape).sum(affine_dims)
+    d = gw if gamma_m is None else (g.to(torch.int64) * gamma_m.to(torch.int64)).reshape(m.shape)
+    d, d_shift = narrow(d)
+    grad_x = from_fixed(d * inv, inv_exp + g_exp + gamma_exp + d_shift).reshape(shape)
+    return grad_x, grad_weight, grad_bias
 
 
 class IntegerNorm(torch.autograd.Function):
-    """``kind``: "batch" (per channel), "group" or "layer"; ``grouping`` reshapes x to
-    (groups, n) and back."""
+    """``grouping`` gives the (A, G, B) view of x and the broadcast shape of the affine terms."""
 
     @staticmethod
-    def forward(fctx, x, weight, bias, ctx, layer, kind, grouping, eps, running, momentum, training):
+    def forward(fctx, x, weight, bias, ctx, layer, grouping, eps, running, momentum, training):
         n_ = ctx.numerics
-        op = f"{kind}_norm"
-        xq = ctx.map(x, n_.forward_bits, ctx.where(op, "input", layer))
-        m = grouping.group(xq.mantissa.to(torch.int64))
-        groups, count = m.shape
-        if training:
-            s1 = m.sum(1)
-            s2 = (m * m).sum(1)
-            c = count * m - s1[:, None]
-            variance = count * s2 - s1 * s1
-            shift = _eps_shift(eps * count * count, 2 * xq.exponent, variance)
-            eps_int = to_fixed_at(torch.tensor([eps * count * count]), 2 * xq.exponent - shift, 2**62, "nearest").mantissa
-            inv, inv_exp = reciprocal_sqrt(((variance << shift) + int(eps_int)).clamp(min=1), -shift)
-            c_exp = 0
-            if running is not None:
-                _update_running(ctx, running, momentum, s1, variance, count, xq.exponent, layer)
-        else:
-            mean_r, var_r = running
-            c_exp = xq.exponent - FRACTION_BITS
-            mean_fixed = to_fixed_at(mean_r.detach().float(), c_exp, 2**62, "nearest", where=ctx.where(op, "running_mean", layer)).mantissa
-            c = (m << FRACTION_BITS) - mean_fixed.long()[:, None]
-            v = to_fixed(var_r.detach().float(), STATISTICS_BITS, "nearest", where=ctx.where(op, "running_var", layer))
-            # eps keeps EPS_BITS where the variances leave room (a channel's may be 0); even, for the root
-            v_exp = max(v.exponent - (62 - STATISTICS_BITS), min(v.exponent, _exponent_of(eps) - EPS_BITS))
-            v_exp -= v_exp % 2
-            v_int = v.mantissa.long() << (v.exponent - v_exp)
-            v_int = v_int + to_fixed_at(torch.tensor([eps]), v_exp, 2**62, "nearest").mantissa.long()
-            inv, inv_exp = reciprocal_sqrt(v_int.clamp(min=1), v_exp)
-        c, c_shift = narrow(c)
-        # xhat = c * 2**(c_exp + c_shift) * inv * 2**inv_exp, kept with FRACTION_BITS bits.
-        xhat = round_shift(c * inv[:, None], (-(c_exp + c_shift) - inv_exp - FRACTION_BITS)[:, None])
-        acc, exponent = grouping.ungroup(xhat), -FRACTION_BITS
-        gamma = None
+        op = f"{grouping.kind}_norm"
+        xq, finite = ctx.map_with_flag(x, n_.forward_bits, ctx.where(op, "input", layer))
+        m = grouping.view(xq.mantissa)
+        count = m.shape[0] * m.shape[2]
+        c_shift = _centred_shift(count, n_.forward_bits)
+        exponent = torch.full_like(xq.exponent, -FRACTION_BITS)
+        gamma = beta = None
         if weight is not None:
             gamma = map_weight(ctx, weight, ctx.where(op, "weight", layer))
-            acc = acc * grouping.affine(gamma.mantissa.long(), x.dim())
-            exponent += gamma.exponent
+            exponent = exponent + gamma.exponent
         if bias is not None:
-            beta = to_fixed_at(bias, exponent, 2**62, n_.rounding, ctx.generator(x.device), ctx.where(op, "bias", layer))
-            acc = acc + grouping.affine(beta.mantissa.long(), x.dim())
+            beta = to_fixed_at(bias, exponent, 2**62, n_.rounding, ctx.key())
+            ctx.nonfinite.note(torch.isfinite(bias).all(), ctx.where(op, "bias", layer))
+        gamma_aff = grouping.affine(gamma.mantissa) if gamma is not None else None
+        beta_aff = grouping.affine(beta.mantissa) if beta is not None else None
+        if training:
+            eps_m, eps_e = fixed_constant(eps * count * count, EPS_BITS) if eps > 0 else (0, 0)
+            s1, variance, inv, inv_exp = _batch_statistics(m, xq.exponent, eps_m, eps_e)
+            y = _forward_training(m, s1, inv, inv_exp, count, c_shift, gamma_aff, beta_aff, exponent, x.shape)
+            stats = (s1, inv, inv_exp)
+            if running is not None:
+                _update_running(ctx, running, momentum, s1.flatten(), variance.flatten(), count, xq.exponent, finite)
+        else:
+            mean_r, var_r = running
+            mean_fixed = to_fixed_at(mean_r.detach().float(), xq.exponent - FRACTION_BITS, 2**62, "nearest").mantissa
+            inv, inv_exp = _running_inverse(var_r, eps)
+            mean_fixed, inv, inv_exp = (grouping.stat_view(t) for t in (mean_fixed, inv, inv_exp))
+            y = _forward_evaluation(m, xq.exponent, mean_fixed, inv, inv_exp, gamma_aff, beta_aff, exponent, x.shape)
+            stats = (mean_fixed, inv, inv_exp)
         fctx.ctx, fctx.layer, fctx.op, fctx.grouping = ctx, layer, op, grouping
-        fctx.training, fctx.count, fctx.x_dim = training, count, x.dim()
+        fctx.training, fctx.count, fctx.c_shift, fctx.x_shape = training, count, c_shift, x.shape
         fctx.has = (weight is not None, bias is not None)
         if n_.backward == "float":
             fctx.save_for_backward(x, weight)
             fctx.float_args = (eps, running)
         else:
-            fctx.save_for_backward(xhat, inv, gamma.mantissa if gamma is not None else None)
-            fctx.exponents = (inv_exp, gamma.exponent if gamma is not None else 0, xq.exponent, c_exp)
+            fctx.save_for_backward(xq.mantissa, xq.exponent, *stats, gamma.mantissa if gamma is not None else None,
+                                   gamma.exponent if gamma is not None else None)
         ctx.record(op, "forward", True, 2 * x.numel(), layer)
-        return from_fixed(acc, exponent)
+        return y
 
     @staticmethod
     def backward(fctx, grad):
         ctx, layer, op, grouping = fctx.ctx, fctx.layer, fctx.op, fctx.grouping
         if ctx.numerics.backward == "float":
             return _float_backward(fctx, grad)
-        xhat, inv, gamma_m = fctx.saved_tensors
-        inv_exp, gamma_exp, x_exp, c_exp = fctx.exponents
+        mantissa, x_exp, a, inv, inv_exp, gamma_m, gamma_exp = fctx.saved_tensors
         gq = ctx.map(grad, ctx.numerics.backward_bits, ctx.where(op, "grad_output", layer))
-        g = gq.mantissa.long()
-        xhat_full = grouping.ungroup(xhat)
-        grad_weight = grad_bias = None
+        m = grouping.view(mantissa)
         has_weight, has_bias = fctx.has
-        if has_weight:
-            reduced = grouping.reduce_affine(g * xhat_full, fctx.x_dim)
-            grad_weight = from_fixed(reduced, gq.exponent - FRACTION_BITS)
-            g = g * grouping.affine(gamma_m.long(), fctx.x_dim)
-        if has_bias:
-            grad_bias = from_fixed(grouping.reduce_affine(g if not has_weight else gq.mantissa.long(), fctx.x_dim), gq.exponent)
-        d_exp = gq.exponent + (gamma_exp if has_weight else 0)
-        d = grouping.group(g)  # d(loss)/d(xhat), exponent d_exp
-        count = fctx.count
-        inner = d << FRACTION_BITS  # exponent d_exp - FRACTION_BITS
+        gamma_aff = grouping.affine(gamma_m) if has_weight else None
+        gamma_exp = gamma_exp if has_weight else torch.zeros_like(x_exp)
+        dims = grouping.affine_reduce_dims(len(fctx.x_shape))
         if fctx.training:
-            total = d.sum(1, keepdim=True)
-            # |sum(d xhat)| / n <= rms(d) rms(xhat) (Cauchy-Schwarz): below 2**(16 + 16).
-            projection = (d * xhat).sum(1, keepdim=True)
-            inner = inner - round_shift(total << FRACTION_BITS, 0) // count
-            inner = inner - round_shift(xhat * (projection // count), FRACTION_BITS)
-        inner, inner_shift = narrow(inner)
-        # dx = rstd * inner, rstd = n * inv * 2**inv_exp * 2**-x_exp in training (statistics
-        # in units of 2**x_exp / n), inv * 2**inv_exp in evaluation.
-        scale = inv * count if fctx.training else inv
-        scale_bits = bit_length(scale)
-        scale_shift = (scale_bits - OPERAND_BITS).clamp(min=0)
-        scale = round_shift(scale, scale_shift)
-        exp = inv_exp + scale_shift - (x_exp if fctx.training else 0)
-        product = inner * scale[:, None]
-        product, common = to_common_exponent(product, exp[:, None].expand_as(product))
-        grad_x = from_fixed(grouping.ungroup(product), common + d_exp - FRACTION_BITS + inner_shift)
+            grad_x, grad_w, grad_b = _backward_training(m, a, inv, inv_exp, gq.mantissa, gamma_aff, fctx.count,
+                                                        fctx.c_shift, fctx.count.bit_length(), x_exp, gq.exponent,
+                                                        gamma_exp, dims)
+        else:
+            grad_x, grad_w, grad_b = _backward_evaluation(m, x_exp, a, inv, inv_exp, gq.mantissa, gamma_aff,
+                                                          gq.exponent, gamma_exp, dims)
+        grad_weight = from_fixed(grad_w, gq.exponent - FRACTION_BITS) if has_weight else None
+        grad_bias = from_fixed(grad_b, gq.exponent) if has_bias else None
         ctx.record(op, "backward", True, 4 * grad.numel(), layer)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-def _update_running(ctx, running, momentum, s1, variance, count, exponent, layer):
+def add_fixed(a: torch.Tensor, ea: torch.Tensor, b: torch.Tensor, eb: torch.Tensor):
+    """``a 2**ea + b 2**eb`` for int64 mantissas below 2**61, on the finest grid where the sum
+    keeps within 62 bits. Aligning onto that grid drops only bits more than 61 below the larger
+    term, rounded to nearest: the stochastic rounding of a stored result is the re-normalisation
+    that follows. An all-zero term does not coarsen the grid."""
+    top_a = torch.where(a.abs().amax() > 0, ea + bit_length(a.abs().amax()), _NO_VALUE)
+    top_b = torch.where(b.abs().amax() > 0, eb + bit_length(b.abs().amax()), _NO_VALUE)
+    grid = torch.maximum(torch.minimum(ea, eb), torch.maximum(top_a, top_b) - 61)
+    return shift_right(a, grid - ea, "nearest") + shift_right(b, grid - eb, "nearest"), grid
+
+
+def _update_running(ctx, running, momentum, s1, variance, count, exponent, finite):
     """running = (1 - momentum) running + momentum batch_stat, in fixed point; the variance
-    is the unbiased one, as in PyTorch."""
-    mean_r, var_r = running
+    is the unbiased one, as in PyTorch. A step whose input was not finite changes nothing."""
     n_ = ctx.numerics
-    gen = ctx.generator(mean_r.device)
     keep, take = fixed_constant(1.0 - momentum, 24), fixed_constant(momentum, 24)
     # batch mean = s1 / n * 2**exponent, with 24 fractional bits of a mantissa step
-    batch_mean = WideFixed((s1 << 24) // count, exponent - 24)
+    batch_mean = (torch.div(s1 << 24, count, rounding_mode="floor"), exponent - 24)
     # unbiased variance = variance / (n (n - 1)) * 2**(2 exponent)
-    shift = max(0, 61 - max_bit_length(variance))
-    batch_var = WideFixed((variance << shift) // (count * max(count - 1, 1)), 2 * exponent - shift)
-    for buffer, batch in ((mean_r, batch_mean), (var_r, batch_var)):
-        old = to_fixed(buffer.detach().float(), STATISTICS_BITS, "nearest", where=f"running statistics of layer '{layer}'")
-        old = WideFixed(old.mantissa.long(), old.exponent).times(keep)
-        narrowed, shift = narrow(batch.m)
-        batch = WideFixed(narrowed, batch.e + shift).times(take)
-        new = old.plus(batch, n_.rounding, gen).normalised(STATISTICS_BITS, n_.rounding, gen)
-        buffer.copy_(from_fixed(new.m, new.e).to(buffer.dtype))
+    shift = (61 - bit_length(variance.amax())).clamp(min=0)
+    batch_var = (torch.div(variance << shift, count * max(count - 1, 1), rounding_mode="floor"), 2 * exponent - shift)
+    for buffer, (bm, be) in ((running[0], batch_mean), (running[1], batch_var)):
+        old, _ = map_deferred(buffer.detach().float(), STATISTICS_BITS, "nearest", 0)
+        bm, b_shift = narrow(bm)
+        total, grid = add_fixed(old.mantissa.to(torch.int64) * keep[0], old.exponent + keep[1],
+                                bm * take[0], be + b_shift + take[1])
+        new = requantize(total, grid, STATISTICS_BITS, n_.rounding, ctx.key())
+        value = from_fixed(new.mantissa, new.exponent).to(buffer.dtype)
+        buffer.copy_(torch.where(finite, value, buffer))
 
 
 def _float_backward(fctx, grad):
@@ -256,40 +309,40 @@ def _float_backward(fctx, grad):
     grad_x = grads.pop(0)
     grad_w = grads.pop(0) if wd is not None else None
     grad_b = grads.pop(0) if bias is not None else (grad.sum(fctx.grouping.affine_reduce_dims(x.dim())) if fctx.has[1] else None)
-    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 class _Grouping:
-    """How a norm groups its input, and how its affine parameters broadcast."""
+    """How a norm groups its input into (A, G, B), and how its affine parameters broadcast."""
 
     def __init__(self, kind, shape, num_groups=1, normalized_ndim=1):
-        self.kind, self.shape, self.num_groups, self.normalized_ndim = kind, shape, num_groups, normalized_ndim
+        self.kind, self.shape, self.num_groups, self.normalized_ndim = kind, tuple(shape), num_groups, normalized_ndim
 
-    def group(self, t):
+    def view_shape(self):
+        s = self.shape
         if self.kind == "batch":
-            return t.transpose(0, 1).reshape(self.shape[1], -1)
+            return (s[0], s[1], math.prod(s[2:]))
         if self.kind == "group":
-            return t.reshape(self.shape[0] * self.num_groups, -1)
-        return t.reshape(-1, math.prod(self.shape[-self.normalized_ndim:]))
+            return (1, s[0] * self.num_groups, math.prod(s) // (s[0] * self.num_groups))
+        features = math.prod(s[-self.normalized_ndim:])
+        return (1, math.prod(s) // features, features)
 
-    def ungroup(self, t):
-        if self.kind == "batch":
-            moved = (self.shape[1], self.shape[0]) + tuple(self.shape[2:])
-            return t.reshape(moved).transpose(0, 1)
-        return t.reshape(self.shape)
+    def view(self, t):
+        return t.reshape(self.view_shape())
 
-    def affine(self, p, x_dim):
+    def stat_view(self, t):
+        """A per-channel vector (batch norm evaluation) as (1, G, 1)."""
+        return t.reshape(1, -1, 1)
+
+    def affine(self, p):
         if self.kind == "layer":
             return p
-        return p.reshape((1, -1) + (1,) * (x_dim - 2))
+        return p.reshape((1, -1) + (1,) * (len(self.shape) - 2))
 
     def affine_reduce_dims(self, x_dim):
         if self.kind == "layer":
             return tuple(range(x_dim - self.normalized_ndim))
         return (0,) + tuple(range(2, x_dim))
-
-    def reduce_affine(self, t, x_dim):
-        return t.sum(self.affine_reduce_dims(x_dim))
 
     def float_forward(self, x, weight, bias, eps, running, training):
         F = torch.nn.functional
@@ -310,16 +363,16 @@ def batch_norm(ctx, x, running_mean, running_var, weight=None, bias=None, traini
         training = True  # PyTorch normalises with batch statistics when there are no buffers
     running = (running_mean, running_var) if running_mean is not None else None
     grouping = _Grouping("batch", x.shape)
-    return IntegerNorm.apply(x, weight, bias, ctx, layer or ctx.layer, "batch", grouping, eps, running,
+    return IntegerNorm.apply(x, weight, bias, ctx, layer or ctx.layer, grouping, eps, running,
                              0.1 if momentum is None else momentum, training)
 
 
 def layer_norm(ctx, x, normalized_shape, weight=None, bias=None, eps=1e-5, layer=None):
     normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     grouping = _Grouping("layer", x.shape, normalized_ndim=len(normalized_shape))
-    return IntegerNorm.apply(x, weight, bias, ctx, layer or ctx.layer, "layer", grouping, eps, None, 0.0, True)
+    return IntegerNorm.apply(x, weight, bias, ctx, layer or ctx.layer, grouping, eps, None, 0.0, True)
 
 
 def group_norm(ctx, x, num_groups, weight=None, bias=None, eps=1e-5, layer=None):
     grouping = _Grouping("group", x.shape, num_groups=num_groups)
-    return IntegerNorm.apply(x, weight, bias, ctx, layer or ctx.layer, "group", grouping, eps, None, 0.0, True)
+    return IntegerNorm.apply(x, weight, bias, ctx, layer or ctx.layer, grouping, eps, None, 0.0, True)

@@ -6,6 +6,23 @@ import torch
 from ..fixed_point import FixedPoint, requantize
 
 MASTER_ATTR = "_intrain_master"
+CONTEXT_ATTR = "_intrain_context"
+
+
+def register_context(params, ctx) -> None:
+    """Mark ``params`` as belonging to a converted model, so that the optimiser can read that
+    model's deferred non-finite flag before it updates them; ``ctx=None`` removes the mark."""
+    for p in params:
+        if ctx is None:
+            if hasattr(p, CONTEXT_ATTR):
+                delattr(p, CONTEXT_ATTR)
+        else:
+            setattr(p, CONTEXT_ATTR, ctx)
+
+
+def contexts_of(params) -> list:
+    found = {id(c): c for c in (getattr(p, CONTEXT_ATTR, None) for p in params) if c is not None}
+    return list(found.values())
 
 
 def attach_master(param: torch.Tensor, master: FixedPoint) -> None:
@@ -28,7 +45,6 @@ def map_weight(ctx, weight: torch.Tensor, where: str) -> FixedPoint:
     master = master_of(weight)
     if master is None:
         return ctx.map(weight, bits, where)
-    fp = requantize(master, bits, ctx.numerics.rounding, ctx.generator(weight.device))
-    if fp.clamped:
-        ctx.counters["clamps"] += fp.clamped
+    fp = requantize(master.mantissa, master.exponent, bits, ctx.numerics.rounding, ctx.key())
+    ctx.count("clamps", fp.clamped)
     return fp

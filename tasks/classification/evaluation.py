@@ -34,7 +34,7 @@ def evaluate(model, loader, device, num_classes, limit=None) -> dict[str, float]
     finally:
         model.train(was_training)
         if ctx is not None:
-            ctx.load_state_dict({"generators": saved["generators"], "counters": dict(ctx.counters)})
+            ctx.load_state_dict({"stream": saved["stream"], "counters": ctx.counter_values()})
     if total == 0:
         raise ConfigError("the validation set is empty (check trainer.limit_val_batches and the dataset)")
     metrics = {"val/loss": loss_sum / total, "val/acc1": 100.0 * correct1 / total}

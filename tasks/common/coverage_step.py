@@ -30,10 +30,9 @@ def coverage_step(model: torch.nn.Module, inputs: Any, loss_fn: Callable, optimi
                   run_dir: Path) -> dict[str, Any]:
     """Run, report and undo one training step of a converted ``model``; return the report's dict."""
     ctx = context_of(model)
-    stream = ctx.generator(next(model.parameters()).device)  # created (seeded) now if it was not yet
     saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()), ctx.state_dict(),
              rng_state())
-    stream.manual_seed(coverage_seed(ctx.numerics.seed))
+    ctx.stream.load_state_dict({"seed": coverage_seed(ctx.numerics.seed), "counter": 0})
     try:
         report = coverage(model, inputs, loss_fn=loss_fn, optimizer=optimizer)
     finally:

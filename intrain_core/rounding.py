@@ -1,0 +1,135 @@
+"""Every rounding of the integer numerics goes through this module.
+
+Two modes (the contract, docs/numerics-contract.md section 1):
+- ``nearest``: round half to even.
+- ``stochastic``: round up with probability equal to the fraction, from a counter-based random
+  stream. Element ``i`` of the ``c``-th rounding of a stream with seed ``k`` draws
+  ``hash(k, c, i)``: no generator state, so the draws are parallel, the same on every device and
+  backend, and a stream resumes from two integers (seed, counter).
+"""
+from __future__ import annotations
+
+import torch
+
+ROUNDINGS = ("stochastic", "nearest")
+RANDOM_BITS = 24
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(h):
+    """A bijection on 32-bit values with full avalanche (Wellons' "lowbias32" constants).
+
+    Works on Python ints and on int64 tensors (values kept in [0, 2**32): every product of a
+    32-bit value and a 31-bit constant fits in int64)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & _MASK32
+    h = h ^ (h >> 15)
+    h = (h * 0x846CA68B) & _MASK32
+    return h ^ (h >> 16)
+
+
+def stream_key(seed: int, counter: int) -> int:
+    """The key of the ``counter``-th rounding of stream ``seed``: 63 bits (a 32-bit and a 31-bit
+    half), so that it is a non-negative int64."""
+    low = _mix32((_mix32(seed & _MASK32) + counter) & _MASK32)
+    high = _mix32((low ^ _mix32(((seed >> 32) + counter * 0x9E3779B9 + 0x632BE5AB) & _MASK32)) & _MASK32)
+    return ((high >> 1) << 32) | low
+
+
+def as_key(key) -> torch.Tensor:
+    """A key as a 0-dim int64 tensor: compiled kernels take it as data, not as a constant (no
+    recompilation per key, and inductor keeps its bit operations in integers)."""
+    return key if isinstance(key, torch.Tensor) else torch.tensor(key, dtype=torch.int64)
+
+
+def random_bits(shape, key, device) -> torch.Tensor:
+    """``RANDOM_BITS`` uniform bits per element (int64), a function of ``key`` (an int or a
+    0-dim int64 tensor) and the element's index in row-major order only."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    index = torch.arange(numel, dtype=torch.int64, device=device).view(shape)
+    key = as_key(key)
+    low, high = key & _MASK32, (key >> 32) & _MASK32
+    return _mix32(_mix32(index ^ low) ^ high) >> (32 - RANDOM_BITS)
+
+
+def check_rounding(rounding: str) -> None:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {list(ROUNDINGS)}, got {rounding!r}")
+
+
+def round_float(v: torch.Tensor, rounding: str, key: int) -> torch.Tensor:
+    """Round float values to integer values (still float).
+
+    Stochastic: ``floor(v) + [r < frac(v) * 2**24]`` with ``r`` uniform on [0, 2**24): frac and
+    frac * 2**24 are exact in float32, so the chance of rounding up is ceil(frac * 2**24) / 2**24,
+    a bias below 2**-24 of a step (``floor(v + u)`` would add a rounding of the sum).
+    """
+    if rounding == "nearest":
+        return torch.round(v)
+    floor = torch.floor(v)
+    # r < f for an integer r is r < ceil(f): compared as integers.
+    threshold = torch.ceil((v - floor) * float(2**RANDOM_BITS)).to(torch.int64)
+    return floor + (random_bits(v.shape, key, v.device) < threshold).to(v.dtype)
+
+
+def shift_right(m: torch.Tensor, shift, rounding: str, key: int = 0) -> torch.Tensor:
+    """Integer ``m / 2**shift`` rounded, on int64 ``m``; ``shift`` is an int or an int64 tensor
+    that broadcasts against ``m``, and a negative shift multiplies exactly.
+
+    Stochastic: round up when ``r < ceil(rem * 2**24 / 2**shift)``, the integer form of
+    ``round_float``: exact probabilities for shifts up to 24, a bias below 2**-24 of a step
+    beyond. The caller keeps ``|m| < 2**62``.
+    """
+    if not isinstance(shift, torch.Tensor):
+        shift = torch.tensor(shift, dtype=torch.int64, device=m.device)
+    shift = shift.to(torch.int64)
+    right = shift.clamp(0, 62)
+    left = (-shift).clamp(min=0)
+    m = m << left
+    q = m >> right
+    rem = m - (q << right)
+    if rounding == "nearest":
+        half = (right > 0).to(torch.int64) << (right - 1).clamp(min=0)
+        up = (rem > half) | ((rem == half) & (right > 0) & ((q & 1) == 1))
+        return q + up.to(torch.int64)
+    coarse = (right - RANDOM_BITS).clamp(min=0)
+    threshold = (rem + (torch.ones_like(coarse) << coarse) - 1) >> coarse  # ceil(rem / 2**(shift - 24)) when shift > 24
+    r = random_bits(m.shape, key, m.device) >> (RANDOM_BITS - right).clamp(min=0)
+    return q + (r < threshold).to(torch.int64)
+
+
+def round_half_up_shift(v: torch.Tensor, shift) -> torch.Tensor:
+    """``v / 2**shift`` rounded half up (a negative shift multiplies): the fixed-point
+    intermediates of the integer norm, which are not mappings and draw no noise."""
+    if not isinstance(shift, torch.Tensor):
+        shift = torch.tensor(shift, dtype=torch.int64, device=v.device)
+    right = shift.clamp(min=0)
+    left = (-shift).clamp(min=0)
+    half = (right > 0).to(torch.int64) << (right - 1).clamp(min=0)
+    return ((v << left) + half) >> right
+
+
+class RoundingStream:
+    """A seed and a counter: the state of every stochastic rounding of one model or optimiser.
+
+    Each rounding call takes the next key; saving (seed, counter) and loading it back
+    continues the stream bit for bit.
+    """
+
+    __slots__ = ("seed", "counter")
+
+    def __init__(self, seed: int, counter: int = 0):
+        self.seed, self.counter = int(seed), int(counter)
+
+    def next_key(self) -> torch.Tensor:
+        key = stream_key(self.seed, self.counter)
+        self.counter += 1
+        return as_key(key)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "counter": self.counter}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.counter = int(state["seed"]), int(state["counter"])

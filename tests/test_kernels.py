@@ -1,0 +1,180 @@
+"""Fused kernels: compiled (inductor, fullgraph) and eager give the same bits; the counter-based
+random stream is a function of (seed, counter, element) alone."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from intrain_core import Numerics
+from intrain_core.compiled import MIN_COMPILED_NUMEL, compilation
+from intrain_core.context import IntegerContext
+from intrain_core.fixed_point import from_fixed, map_deferred, requantize, to_fixed_at
+from intrain_core.ops import add as add_ops
+from intrain_core.ops import norm
+from intrain_core.optim import IntSGD
+from intrain_core.rounding import RANDOM_BITS, RoundingStream, random_bits, stream_key
+
+# Large enough that every fused kernel takes its compiled path.
+SHAPE = (8, 16, 16, 16)
+assert torch.Size(SHAPE).numel() >= MIN_COMPILED_NUMEL
+
+
+def both(fn):
+    """``fn()`` eager, then compiled; the compiler must not break the graph anywhere."""
+    from torch._dynamo.utils import counters
+
+    with compilation(False):
+        eager = fn()
+    counters.clear()
+    with compilation(True):
+        compiled = fn()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    return eager, compiled
+
+
+def same_bits(a, b):
+    if isinstance(a, (tuple, list)):
+        return all(same_bits(x, y) for x, y in zip(a, b, strict=True))
+    if not isinstance(a, torch.Tensor):
+        return a == b
+    if a.dtype == torch.float32:  # compare the bits, so that -0.0 and NaN payloads count too
+        a, b = a.contiguous().view(torch.int32), b.contiguous().view(torch.int32)
+    return a.dtype == b.dtype and torch.equal(a, b)
+
+
+def data(seed=0, scale=3.0):
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+@pytest.mark.parametrize("bits", [8, 16, 32])
+def test_mapping_same_bits_compiled_and_eager(rounding, bits):
+    x = data()
+    x[0, 0, 0, :4] = torch.tensor([0.0, 2.0**-130, -(2.0**-149), 1e30])  # zero, subnormals, a large value
+    eager, compiled = both(lambda: map_deferred(x, bits, rounding, stream_key(3, 7)))
+    assert same_bits(eager[0].mantissa, compiled[0].mantissa)
+    assert int(eager[0].exponent) == int(compiled[0].exponent)
+    assert int(eager[0].clamped) == int(compiled[0].clamped) and bool(eager[1]) == bool(compiled[1])
+
+
+def test_non_finite_flag_is_raised_compiled_and_eager():
+    x = data()
+    x[1, 2, 3, 4] = float("nan")
+    eager, compiled = both(lambda: map_deferred(x, 8, "stochastic", stream_key(0, 0))[1])
+    assert not bool(eager) and not bool(compiled)
+
+
+def test_requantize_and_map_at_same_bits():
+    wide = (data() * 2**20).to(torch.int64)
+    exponent = torch.tensor(-25)
+    eager, compiled = both(lambda: (requantize(wide, exponent, 8, "stochastic", stream_key(1, 2)),
+                                    to_fixed_at(data(1), exponent, 2**20, "stochastic", stream_key(1, 3))))
+    for e, c in zip(eager, compiled):
+        assert same_bits(e.mantissa, c.mantissa) and int(e.exponent) == int(c.exponent)
+        assert int(e.clamped) == int(c.clamped)
+
+
+def test_from_fixed_same_bits():
+    acc = (data() * 2**28).to(torch.int64)
+    eager, compiled = both(lambda: from_fixed(acc, torch.tensor(-37)))
+    assert same_bits(eager, compiled)
+
+
+def make_ctx(**changes):
+    return IntegerContext(dataclasses.replace(Numerics.preset("int8"), **changes))
+
+
+def test_add_same_bits():
+    a, b = data(0), data(1, scale=0.01)
+    eager, compiled = both(lambda: add_ops.add(make_ctx(), a, b, layer="block"))
+    assert same_bits(eager, compiled)
+
+
+NORMS = {
+    "batch_train": lambda c, x, w, b, rm, rv: norm.batch_norm(c, x, rm, rv, w, b, True, 0.1, 1e-5),
+    "batch_eval": lambda c, x, w, b, rm, rv: norm.batch_norm(c, x, rm, rv, w, b, False, 0.1, 1e-5),
+    "group": lambda c, x, w, b, rm, rv: norm.group_norm(c, x, 4, w, b),
+    "layer": lambda c, x, w, b, rm, rv: norm.layer_norm(c, x, (16,), w[:16], b[:16]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NORMS))
+def test_norm_forward_backward_and_statistics_same_bits(name):
+    x, dy = data(2), data(3)
+    w = torch.rand(16, generator=torch.Generator().manual_seed(4)) + 0.5
+    b = torch.randn(16, generator=torch.Generator().manual_seed(5))
+
+    def run():
+        leaf, wl, bl = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+        rm, rv = torch.full((16,), 0.25), torch.full((16,), 2.0)
+        y = NORMS[name](make_ctx(), leaf, wl, bl, rm, rv)
+        y.backward(dy)
+        return y, leaf.grad, wl.grad, bl.grad, rm, rv
+
+    eager, compiled = both(run)
+    assert same_bits(eager, compiled)
+
+
+def test_intsgd_update_same_bits():
+    def run():
+        params = [torch.nn.Parameter(data(6)), torch.nn.Parameter(torch.randn(16))]
+        opt = IntSGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True)
+        for step in range(3):
+            for i, p in enumerate(params):
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * step + i))
+            opt.step()
+        return [p.detach() for p in params] + [opt.state[p]["momentum"] for p in params]
+
+    eager, compiled = both(run)
+    assert same_bits(eager, compiled)
+
+
+def test_random_bits_depend_on_key_and_index_only():
+    key = stream_key(11, 5)
+    r = random_bits((1000,), key, "cpu")
+    assert r.dtype == torch.int64 and 0 <= int(r.min()) and int(r.max()) < 2**RANDOM_BITS
+    assert torch.equal(random_bits((10, 100), key, "cpu").view(-1), r)  # the shape does not matter
+    assert not torch.equal(random_bits((1000,), stream_key(11, 6), "cpu"), r)
+    assert not torch.equal(random_bits((1000,), stream_key(12, 5), "cpu"), r)
+    # Uniform: each of 16 bins of the top 4 bits holds 1/16 of 2**16 draws, within 6 sigma.
+    counts = torch.bincount(random_bits((2**16,), key, "cpu") >> (RANDOM_BITS - 4), minlength=16).double()
+    sigma = (2**16 * (1 / 16) * (15 / 16)) ** 0.5
+    assert ((counts - 2**12).abs() <= 6 * sigma).all()
+
+
+def test_stream_resumes_from_seed_and_counter():
+    stream = RoundingStream(7)
+    for _ in range(5):
+        stream.next_key()
+    saved = stream.state_dict()
+    assert saved == {"seed": 7, "counter": 5}
+    ahead = [int(stream.next_key()) for _ in range(3)]
+    resumed = RoundingStream(0)
+    resumed.load_state_dict(saved)
+    assert [int(resumed.next_key()) for _ in range(3)] == ahead
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_same_bits_on_cuda_as_on_cpu():
+    x = data()
+    for rounding in ("stochastic", "nearest"):
+        cpu, _ = map_deferred(x, 8, rounding, stream_key(2, 9))
+        gpu, _ = map_deferred(x.cuda(), 8, rounding, stream_key(2, 9))
+        assert torch.equal(cpu.mantissa, gpu.mantissa.cpu()) and int(cpu.exponent) == int(gpu.exponent)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_forward_and_backward_never_wait_for_the_device():
+    from intrain_core import convert
+
+    model = convert(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                        torch.nn.Flatten(), torch.nn.LazyLinear(10)).cuda(), "int8")
+    x = torch.randn(4, 3, 16, 16, device="cuda")
+    model(x)  # materialise the lazy layer and pick the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        F.cross_entropy(model(x), torch.zeros(4, dtype=torch.long, device="cuda")).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
