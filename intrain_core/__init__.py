@@ -1,4 +1,4 @@
-"""intrain_core: switch a PyTorch model's arithmetic from float to integers (NUMERICS.md)."""
+"""intrain_core: switch a PyTorch model's arithmetic from float to integers (docs/numerics-contract.md)."""
 from .convert import check_finite, context_of, convert, revert
 from .coverage import CoverageReport, coverage
 from .fixed_point import FixedPoint, NonFiniteError, from_fixed, to_fixed

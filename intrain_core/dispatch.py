@@ -42,7 +42,7 @@ DATA_MOVEMENT = frozenset(
 SELECTION = frozenset("topk sort argsort argmax argmin max min".split())
 # Resampling computes weighted averages of neighbours (float) unless it only copies (nearest).
 RESAMPLING = frozenset("interpolate upsample grid_sample".split())
-# No arithmetic, exact in any representation (NUMERICS.md sections 6-7).
+# No arithmetic, exact in any representation (docs/numerics-contract.md sections 6-7).
 EXACT = frozenset("relu relu_ relu6 hardtanh hardtanh_ max_pool1d max_pool2d max_pool3d adaptive_max_pool2d "
                   "max_pool2d_with_indices adaptive_max_pool1d neg __neg__ abs leaky_relu leaky_relu_ clamp clip "
                   "clamp_ threshold".split())

@@ -1,4 +1,4 @@
-"""The whole numerics choice of a run, as one frozen value (NUMERICS.md section 11)."""
+"""The whole numerics choice of a run, as one frozen value (docs/numerics-contract.md section 11)."""
 from __future__ import annotations
 
 import dataclasses

@@ -17,7 +17,7 @@ MODELS = {
     "deit_small_patch16_224": (lambda: timm.create_model("deit_small_patch16_224", pretrained=False, num_classes=10), (2, 3, 224, 224)),
 }
 
-# Ops that the integer core leaves in float by design (NUMERICS.md section 7): non-linear
+# Ops that the integer core leaves in float by design (docs/numerics-contract.md section 7): non-linear
 # functions and the loss. Anything else in float is a coverage gap and fails the test.
 EXPECTED_FLOAT = {"softmax", "gelu", "silu", "sigmoid", "tanh", "cross_entropy", "log_softmax", "mul", "sum", "hardswish"}
 
@@ -48,7 +48,9 @@ def test_converted_model_loss_goes_down(model_name):
     model, x = make(model_name, seed=1)
     convert(model, "int8")
     y = labels(len(x))
-    opt = IntSGD(model.parameters(), lr=0.05 if "patch" in model_name else 0.1, momentum=0.9, numerics=Numerics.preset("int8"))
+    # MobileNetV2 on a batch of 2 diverges at lr 0.1 in float32 too (loss 33 by step 5): 0.02.
+    lr = 0.05 if "patch" in model_name else 0.02 if model_name == "mobilenet_v2" else 0.1
+    opt = IntSGD(model.parameters(), lr=lr, momentum=0.9, numerics=Numerics.preset("int8"))
     losses = []
     for _ in range(6):
         loss = F.cross_entropy(model(x), y)

@@ -1,4 +1,4 @@
-"""Same seed, device and backend: bit-identical integer training (NUMERICS.md section 9)."""
+"""Same seed, device and backend: bit-identical integer training (docs/numerics-contract.md section 9)."""
 import dataclasses
 
 import torch

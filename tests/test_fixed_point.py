@@ -1,4 +1,4 @@
-"""The mapping (NUMERICS.md sections 1-2) against independent element-wise references."""
+"""The mapping (docs/numerics-contract.md sections 1-2) against independent element-wise references."""
 import math
 from fractions import Fraction
 

@@ -47,9 +47,10 @@ def data(seed=0, scale=3.0):
     return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed)) * scale
 
 
-@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
-@pytest.mark.parametrize("bits", [8, 16, 32])
-def test_mapping_same_bits_compiled_and_eager(rounding, bits):
+# Each case compiles its own kernels (tens of seconds on two cores with a cold cache): the
+# three cover both roundings and the int8, int16 and int64 mantissa paths.
+@pytest.mark.parametrize("bits, rounding", [(8, "stochastic"), (16, "nearest"), (32, "nearest")])
+def test_mapping_same_bits_compiled_and_eager(bits, rounding):
     x = data()
     x[0, 0, 0, :4] = torch.tensor([0.0, 2.0**-130, -(2.0**-149), 1e30])  # zero, subnormals, a large value
     eager, compiled = both(lambda: map_deferred(x, bits, rounding, stream_key(3, 7)))
@@ -94,7 +95,6 @@ def test_add_same_bits():
 NORMS = {
     "batch_train": lambda c, x, w, b, rm, rv: norm.batch_norm(c, x, rm, rv, w, b, True, 0.1, 1e-5),
     "batch_eval": lambda c, x, w, b, rm, rv: norm.batch_norm(c, x, rm, rv, w, b, False, 0.1, 1e-5),
-    "group": lambda c, x, w, b, rm, rv: norm.group_norm(c, x, 4, w, b),
     "layer": lambda c, x, w, b, rm, rv: norm.layer_norm(c, x, (16,), w[:16], b[:16]),
 }
 
@@ -118,7 +118,7 @@ def test_norm_forward_backward_and_statistics_same_bits(name):
 
 def test_intsgd_update_same_bits():
     def run():
-        params = [torch.nn.Parameter(data(6)), torch.nn.Parameter(torch.randn(16))]
+        params = [torch.nn.Parameter(data(6)), torch.nn.Parameter(data(7)[0, 0, 0])]
         opt = IntSGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True)
         for step in range(3):
             for i, p in enumerate(params):

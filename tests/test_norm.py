@@ -1,4 +1,4 @@
-"""Integer normalisation against float64 (NUMERICS.md section 4), with derived bounds."""
+"""Integer normalisation against float64 (docs/numerics-contract.md section 4), with derived bounds."""
 import dataclasses
 import math
 

@@ -1,5 +1,5 @@
 """Integer ops: native == reference bit for bit, close to float within bounds derived from the
-bit-width, unbiased gradients, exact long reductions (NUMERICS.md sections 3, 5, 6)."""
+bit-width, unbiased gradients, exact long reductions (docs/numerics-contract.md sections 3, 5, 6)."""
 import dataclasses
 import math
 

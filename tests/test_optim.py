@@ -1,4 +1,4 @@
-"""IntSGD against torch.optim.SGD fed the same gradients (NUMERICS.md section 8)."""
+"""IntSGD against torch.optim.SGD fed the same gradients (docs/numerics-contract.md section 8)."""
 import dataclasses
 
 import pytest

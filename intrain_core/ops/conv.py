@@ -1,5 +1,5 @@
 """Integer conv1d/conv2d and conv_transpose2d, lowered onto the backend's exact integer
-convolution kernels (NUMERICS.md section 3)."""
+convolution kernels (docs/numerics-contract.md section 3)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Integer ``F.linear`` (NUMERICS.md section 3)."""
+"""Integer ``F.linear`` (docs/numerics-contract.md section 3)."""
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,5 @@
 """Integer ``torch.matmul`` between two activations, e.g. attention's QK^T and attn @ V
-(NUMERICS.md section 3): both operands are mapped."""
+(docs/numerics-contract.md section 3): both operands are mapped."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Integer average pooling and mean (NUMERICS.md section 6): an integer window sum times the
+"""Integer average pooling and mean (docs/numerics-contract.md section 6): an integer window sum times the
 fixed-point reciprocal of the window size. Max pooling needs no arithmetic and stays as is."""
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ def master_of(param: torch.Tensor) -> FixedPoint | None:
 
 def map_weight(ctx, weight: torch.Tensor, where: str) -> FixedPoint:
     """The forward copy of a weight: narrowed from the integer master by shifts when IntSGD
-    keeps one (NUMERICS.md section 8), else mapped from the float tensor."""
+    keeps one (docs/numerics-contract.md section 8), else mapped from the float tensor."""
     bits = ctx.numerics.forward_bits
     master = master_of(weight)
     if master is None:

@@ -74,7 +74,7 @@ class StepTraceHook(Hook):
                 return
             # numpy: a torch op here would run inside intrain's IntegerMode and draw rounding noise
             grouped = np.swapaxes(x.detach().numpy(), 0, 1).reshape(x.shape[1], -1)
-            step_8bit = 2.0 ** (np.floor(np.log2(np.abs(grouped).max())) - 6)  # NUMERICS.md section 1
+            step_8bit = 2.0 ** (np.floor(np.log2(np.abs(grouped).max())) - 6)  # docs/numerics-contract.md section 1
             below = float(((grouped.max(1) - grouped.min(1)) < step_8bit).mean())
             seen = {}
             output.register_hook(lambda g: seen.__setitem__("dy", float(g.abs().max())))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from intrain_core import context_of
+from intrain_core import check_finite, context_of
 from tasks.common.errors import ConfigError
 
 
@@ -31,6 +31,7 @@ def evaluate(model, loader, device, num_classes, limit=None) -> dict[str, float]
             correct1 += (top[:, 0] == y).sum().item()
             correct5 += (top == y[:, None]).any(dim=1).sum().item()
             total += y.numel()
+        check_finite(model)  # a NaN or Inf met by an integer op, read once per validation
     finally:
         model.train(was_training)
         if ctx is not None:

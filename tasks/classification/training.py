@@ -238,7 +238,7 @@ class Loop:
         out = self.model(x)
         loss = self.criterion(out, y)
         loss_value = loss.item()
-        self.guard.check_loss(loss_value)
+        self.guard.check_loss(loss_value, self.model)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.guard.check_gradients(self.model)

@@ -15,7 +15,7 @@ from typing import Callable, Iterator, TypeVar
 
 import torch
 
-from intrain_core import NonFiniteError
+from intrain_core import NonFiniteError, check_finite
 from tasks.common.errors import DivergedError
 
 log = logging.getLogger("intrain")
@@ -36,8 +36,12 @@ class NonFiniteGuard:
     def __init__(self, policy: str = "stop", lr: float | None = None):
         self.policy, self.lr, self.skipped = policy, lr, 0
 
-    def check_loss(self, value: float) -> None:
+    def check_loss(self, value: float, model: torch.nn.Module | None = None) -> None:
+        """A non-finite loss; where an integer op met the value first, that op and layer are named
+        (integer ops flag non-finite inputs on the device, read here and once per step)."""
         if not math.isfinite(value):
+            if model is not None:
+                check_finite(model)
             raise NonFiniteValue(f"the training loss is {value}")
 
     def check_gradients(self, model: torch.nn.Module) -> None:
