@@ -86,7 +86,11 @@ class IntegerContext:
         self.counters = Counter(state.get("counters", {}))
 
     def check_finite(self, host_only: bool = False) -> None:
-        self.nonfinite.check(host_only)
+        try:
+            self.nonfinite.check(host_only)
+        except NonFiniteError:
+            self.counters["nonfinite"] += 1
+            raise
 
     # --- logging ----------------------------------------------------------------------
     @property

@@ -20,7 +20,7 @@ BAD_INPUTS = [
     (["numerics.optimizer=adam"], "numerics.optimizer='adam'"),
     (["numerics.integer_ops=[conv,fft]"], "fft"),
     (["task.lr=-1"], "task.lr=-1: must be a finite number >= 0"),
-    (["task.lr=1e30"], "training step 2 (epoch 0) met a non-finite value: Inf in"),
+    (["task.lr=1e30"], "training step 2 (epoch 0) met a non-finite value: NaN or Inf in"),
     (["task.momentum=2"], "task.momentum=2"),
     (["task.schedule=linear"], "task.schedule=linear: must be one of"),
     (["task.model=resnet81"], "no model 'resnet81'"),

@@ -24,7 +24,7 @@ def nan_input_at(call: int):
     return train_step
 
 
-@pytest.mark.parametrize("numerics,where", [("int8", r"NaN in \w+ input of layer '\w+"),
+@pytest.mark.parametrize("numerics,where", [("int8", r"NaN or Inf in \w+ input of layer '\w+"),
                                              ("fp32", "the training loss is nan")])
 def test_stop_names_the_step_and_where_and_leaves_no_run_behind(runs_dir, monkeypatch, numerics, where):
     monkeypatch.setattr(Loop, "train_step", nan_input_at(2))

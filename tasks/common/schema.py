@@ -90,7 +90,7 @@ class OpenMMLabTaskSchema(TaskSchema):
 class DatasetSchema:
     name: str = "digits"
     root: Optional[str] = None
-    image_size: int = _range(32, min=1)
+    image_size: Optional[int] = _range(32, min=1)  # null: the dataset's own sizes (COCO, VOC)
     augment: bool = True
     num_classes: int = _range(10, min=1)
     num_train: int = _range(400, min=1)
