@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .backends import get_backend
-from .fixed_point import FixedPoint, NonFiniteError, map_deferred, nonfinite_message, qmax
+from .fixed_point import FixedPoint, NonFiniteError, map_at_deferred, map_deferred, nonfinite_message, qmax
 from .rounding import RoundingStream
 
 INT32_MAX = 2**31 - 1
@@ -126,6 +126,14 @@ class IntegerContext:
         self.nonfinite.note(finite, where)
         self.count("clamps", fp.clamped)
         return fp, finite
+
+    def map_at(self, x: torch.Tensor, exponent: torch.Tensor, limit: int, where: str) -> FixedPoint:
+        """``to_fixed_at`` with this run's rounding and stream (a bias onto an accumulator's
+        exponent); clamps counted, NaN/Inf flagged."""
+        fp, finite = map_at_deferred(x, exponent, limit, self.numerics.rounding, self.key())
+        self.nonfinite.note(finite, where)
+        self.count("clamps", fp.clamped)
+        return fp
 
     def accumulator(self, reduction: int, bits_a: int, bits_b: int, extra: int = 0) -> tuple[torch.dtype, int]:
         """The accumulator dtype for ``reduction`` products, and the bound on one product.

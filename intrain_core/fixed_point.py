@@ -85,10 +85,6 @@ def bit_length(v: torch.Tensor) -> torch.Tensor:
 def _finish(m: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Clamp integer-valued ``m`` (float or int64) to ``+-qmax`` and count the clamps."""
     limit = qmax(bits)
-    if m.is_floating_point() and bits > 24:
-        # Inductor's vectorised float32 -> int64 conversion goes wrong near 2**31 on CPU: widen
-        # to float64 first (exact) for the masters' 32-bit mappings.
-        m = m.to(torch.float64)
     m = m.to(torch.int64)
     clamped = (m.abs() > limit).sum()
     return m.clamp(-limit, limit).to(mantissa_dtype(bits)), clamped
@@ -153,17 +149,28 @@ def from_fixed(acc: torch.Tensor, exponent) -> torch.Tensor:
 
 @fused
 def _map_at(x: torch.Tensor, exponent: torch.Tensor, limit: int, rounding: str, key: int):
-    m = round_float(scale_by_pow2(x.to(torch.float32), -exponent), rounding, key).to(torch.int64)
+    xf = x.to(torch.float32)
+    m = round_float(scale_by_pow2(xf, -exponent), rounding, key).to(torch.int64)
     clamped = (m.abs() > limit).sum()
-    return m.clamp(-limit, limit), clamped
+    return m.clamp(-limit, limit), clamped, torch.isfinite(xf).all()
 
 
 def to_fixed_at(x: torch.Tensor, exponent: torch.Tensor, limit: int, rounding: str = "stochastic",
-                key: int = 0) -> FixedPoint:
+                key: int = 0, where: str = "tensor") -> FixedPoint:
     """Map ``x`` onto a given exponent, saturating at ``+-limit``: how a bias joins an
     accumulator whose exponent the product already fixed. The mantissa is int64."""
-    m, clamped = _map_at(x.detach(), exponent, limit, rounding, as_key(key))
-    return FixedPoint(m, exponent, limit.bit_length() + 1, clamped)
+    fp, finite = map_at_deferred(x, exponent, limit, rounding, key)
+    if not bool(finite):
+        raise NonFiniteError(nonfinite_message(where))
+    return fp
+
+
+def map_at_deferred(x: torch.Tensor, exponent: torch.Tensor, limit: int, rounding: str,
+                    key: int) -> tuple[FixedPoint, torch.Tensor]:
+    """``to_fixed_at`` without waiting for the device, as ``map_deferred``."""
+    check_rounding(rounding)
+    m, clamped, finite = _map_at(x.detach(), exponent, limit, rounding, as_key(key))
+    return FixedPoint(m, exponent, limit.bit_length() + 1, clamped), finite
 
 
 @fused
@@ -181,6 +188,23 @@ def requantize(mantissa: torch.Tensor, exponent: torch.Tensor, bits: int, roundi
     exponent: the largest magnitude lands in ``[2**(b-2), 2**(b-1))``)."""
     m, e, clamped = _requantize(mantissa, exponent, bits, rounding, as_key(key))
     return FixedPoint(m, e, bits, clamped)
+
+
+# The top exponent of an all-zero term: below every real one, so it never sets the grid.
+_NO_VALUE = -(2**40)
+
+
+def add_fixed(a: torch.Tensor, ea: torch.Tensor, b: torch.Tensor, eb: torch.Tensor):
+    """``a 2**ea + b 2**eb`` for int64 mantissas below 2**61, on the finest grid where the sum
+    keeps within 62 bits; returns (sum, grid exponent). Aligning onto that grid drops only bits
+    more than 61 below the larger term, rounded to nearest: the stochastic rounding of a stored
+    result is the re-normalisation that follows."""
+    tops = []
+    for m, e in ((a, ea), (b, eb)):
+        amax = m.abs().amax()
+        tops.append(torch.where(amax > 0, e + bit_length(amax), _NO_VALUE))
+    grid = torch.maximum(torch.minimum(ea, eb), torch.maximum(*tops) - 61)
+    return shift_right(a, grid - ea, "nearest") + shift_right(b, grid - eb, "nearest"), grid
 
 
 def fixed_constant(value: float, bits: int) -> tuple[int, int]:

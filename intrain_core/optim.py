@@ -13,10 +13,9 @@ from collections.abc import Mapping
 import torch
 
 from .compiled import fused
-from .fixed_point import (FixedPoint, NonFiniteError, _finish, _requantize, fixed_constant, from_fixed,
-                          map_deferred, nonfinite_message, rounded_mantissas, shared_exponent)
+from .fixed_point import (FixedPoint, NonFiniteError, _map, _requantize, add_fixed, fixed_constant, from_fixed,
+                          map_deferred, nonfinite_message)
 from .numerics import Numerics
-from .ops.norm import add_fixed
 from .ops.weights import attach_master, contexts_of
 from .rounding import RoundingStream
 
@@ -52,9 +51,8 @@ def _update(grad, w, w_exp, buf, buf_exp, coefficients, flags, bits: int, roundi
     g = grad.to(torch.float32)
     if maximize:
         g = -g
-    g_exp, _ = shared_exponent(g, bits)
-    d, _ = _finish(rounded_mantissas(g, g_exp, rounding, keys[0]), bits)
-    d, d_exp = d.to(torch.int64), g_exp
+    d, d_exp, _, _ = _map.eager(g, bits, rounding, keys[0])
+    d = d.to(torch.int64)
     if has_wd:
         d, d_exp = _normalised_sum(d, d_exp, w * wd[0], w_exp + wd[1], bits, rounding, keys[1])
     if has_momentum:

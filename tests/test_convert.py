@@ -1,5 +1,6 @@
 """convert + coverage on zoo models, built through the zoos' own doors (no pretrained weights)."""
 import timm
+import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -157,3 +158,13 @@ def test_root_bookkeeping_on_constants_stays_float_and_residuals_are_integer():
     assert torch.equal(anchors, (torch.arange(8) * 97.0)[:, None] + torch.tensor([-16.5, 16.5]))
     adds = {(key.layer, key.arithmetic) for key in context_of(model).ops if key.op == "add"}
     assert ("block", "integer") in adds and ("<model>", "float") in adds
+
+
+def test_non_finite_bias_names_the_layer():
+    model, x = make("resnet18")
+    convert(model, "int8")
+    with torch.no_grad():
+        model.fc.bias[3] = float("inf")
+    model(x)
+    with pytest.raises(NonFiniteError, match="linear bias of layer 'fc'"):
+        check_finite(model)

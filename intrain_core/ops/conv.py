@@ -40,7 +40,7 @@ class IntegerConv2d(torch.autograd.Function):
             acc = be.conv2d(xq.mantissa, wq.mantissa, stride, padding, dilation, groups, bound, acc_dtype)
         exponent = xq.exponent + wq.exponent
         if bias is not None:
-            b = map_bias(ctx, bias, exponent, acc_dtype, reduction, bound)
+            b = map_bias(ctx, bias, exponent, acc_dtype, reduction, bound, ctx.where(op, "bias", layer))
             acc = acc + b.view(1, -1, 1, 1)
         y = from_fixed(acc, exponent)
         fctx.ctx, fctx.layer, fctx.op = ctx, layer, op

@@ -3,18 +3,17 @@ from __future__ import annotations
 
 import torch
 
-from ..fixed_point import from_fixed, to_fixed_at
+from ..fixed_point import from_fixed
 from .weights import map_weight
 
 INT32_MAX = 2**31 - 1
 
 
-def map_bias(ctx, bias: torch.Tensor, exponent: torch.Tensor, acc_dtype, reduction: int, product_bound: int):
+def map_bias(ctx, bias: torch.Tensor, exponent: torch.Tensor, acc_dtype, reduction: int, product_bound: int,
+             where: str):
     """The bias on the accumulator's exponent, saturating where the sum could overflow."""
     headroom = INT32_MAX - reduction * product_bound if acc_dtype == torch.int32 else 2**62
-    fp = to_fixed_at(bias, exponent, headroom, ctx.numerics.rounding, ctx.key())
-    ctx.count("clamps", fp.clamped)
-    return fp.mantissa.to(acc_dtype)
+    return ctx.map_at(bias, exponent, headroom, where).mantissa.to(acc_dtype)
 
 
 class IntegerLinear(torch.autograd.Function):
@@ -29,7 +28,7 @@ class IntegerLinear(torch.autograd.Function):
         acc = ctx.backend.matmul(x2, wq.mantissa.t(), bound, acc_dtype)
         exponent = xq.exponent + wq.exponent
         if bias is not None:
-            acc = acc + map_bias(ctx, bias, exponent, acc_dtype, k, bound)
+            acc = acc + map_bias(ctx, bias, exponent, acc_dtype, k, bound, ctx.where("linear", "bias", layer))
         # Reshaped before the conversion: a view returned from a Function cannot be modified in place.
         y = from_fixed(acc.reshape(*x.shape[:-1], weight.shape[0]), exponent)
         fctx.ctx, fctx.layer, fctx.has_bias = ctx, layer, bias is not None

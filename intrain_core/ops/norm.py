@@ -29,8 +29,9 @@ import math
 import torch
 
 from ..compiled import fused
-from ..fixed_point import bit_length, fixed_constant, from_fixed, map_deferred, qmax, requantize, to_fixed_at
-from ..rounding import round_half_up_shift, shift_right
+from ..fixed_point import (add_fixed, bit_length, fixed_constant, from_fixed, map_at_deferred, map_deferred, qmax,
+                           requantize)
+from ..rounding import round_half_up_shift
 from .weights import map_weight
 
 FRACTION_BITS = 16
@@ -40,7 +41,6 @@ OPERAND_BITS = 31
 STATISTICS_BITS = 32  # running mean/var as fixed point while they are updated
 # eps is kept to float32's precision: it is all of var + eps for a channel of equal values.
 EPS_BITS = 24
-_NO_VALUE = -(2**40)  # the top exponent of an all-zero tensor: below every real one
 
 
 def isqrt(v: torch.Tensor) -> torch.Tensor:
@@ -146,6 +146,16 @@ def _forward_evaluation(m, x_exp, mean_fixed, inv, inv_exp, gamma_m, beta_m, exp
     return _affine(xhat, gamma_m, beta_m, exponent)
 
 
+def _affine_gradients(g, gamma_m, xhat, affine_dims: tuple):
+    """Integer sums for d(loss)/d(gamma) (FRACTION_BITS units) and d(loss)/d(beta), and
+    d = g gamma = d(loss)/d(xhat), in xhat's (A, G, B) view."""
+    wide = g.to(torch.int64)
+    grad_weight = (wide * xhat.reshape(g.shape)).sum(affine_dims) if gamma_m is not None else None
+    grad_bias = wide.sum(affine_dims)
+    d = wide if gamma_m is None else wide * gamma_m.to(torch.int64)
+    return grad_weight, grad_bias, d.reshape(xhat.shape)
+
+
 @fused
 def _backward_training(m, s1, inv, inv_exp, g, gamma_m, n, c_shift: int, scale_shift: int, x_exp, g_exp, gamma_exp,
                        affine_dims: tuple):
@@ -155,12 +165,8 @@ def _backward_training(m, s1, inv, inv_exp, g, gamma_m, n, c_shift: int, scale_s
     dx = rstd (d - mean(d) - xhat mean(d xhat)), rstd = n inv 2**(inv_exp - x_exp).
     ``m``, ``s1`` and ``inv`` are in the (A, G, B) view; ``g`` and ``gamma_m`` in x's shape.
     """
-    shape = g.shape
     xhat = _xhat(m, s1, inv, inv_exp, n, c_shift)
-    gw = g.to(torch.int64).reshape(m.shape)
-    grad_weight = (gw * xhat).reshape(shape).sum(affine_dims) if gamma_m is not None else None
-    grad_bias = gw.reshape(shape).sum(affine_dims)
-    d = gw if gamma_m is None else (g.to(torch.int64) * gamma_m.to(torch.int64)).reshape(m.shape)
+    grad_weight, grad_bias, d = _affine_gradients(g, gamma_m, xhat, affine_dims)
     total = d.sum((0, 2), keepdim=True)
     # |sum(d xhat)| / n <= rms(d) rms(xhat) (Cauchy-Schwarz): below 2**(16 + 16).
     projection = (d * xhat).sum((0, 2), keepdim=True)
@@ -169,22 +175,16 @@ def _backward_training(m, s1, inv, inv_exp, g, gamma_m, n, c_shift: int, scale_s
     inner, inner_shift = narrow(inner)
     scale = round_half_up_shift(inv * n, scale_shift)
     exponent = inv_exp + scale_shift - x_exp + g_exp + gamma_exp - FRACTION_BITS + inner_shift
-    grad_x = from_fixed(inner * scale, exponent).reshape(shape)
-    return grad_x, grad_weight, grad_bias
+    return from_fixed(inner * scale, exponent).reshape(g.shape), grad_weight, grad_bias
 
 
 @fused
 def _backward_evaluation(m, exponent, mean_fixed, inv, inv_exp, g, gamma_m, g_exp, gamma_exp, affine_dims: tuple):
     """d(loss)/dx with running statistics: dx = d rstd; and the affine gradients."""
-    shape = g.shape
     xhat = _eval_xhat(m, exponent, mean_fixed, inv, inv_exp)
-    gw = g.to(torch.int64).reshape(m.shape)
-    grad_weight = (gw * xhat).reshape(shape).sum(affine_dims) if gamma_m is not None else None
-    grad_bias = gw.reshape(shape).sum(affine_dims)
-    d = gw if gamma_m is None else (g.to(torch.int64) * gamma_m.to(torch.int64)).reshape(m.shape)
+    grad_weight, grad_bias, d = _affine_gradients(g, gamma_m, xhat, affine_dims)
     d, d_shift = narrow(d)
-    grad_x = from_fixed(d * inv, inv_exp + g_exp + gamma_exp + d_shift).reshape(shape)
-    return grad_x, grad_weight, grad_bias
+    return from_fixed(d * inv, inv_exp + g_exp + gamma_exp + d_shift).reshape(g.shape), grad_weight, grad_bias
 
 
 class IntegerNorm(torch.autograd.Function):
@@ -204,8 +204,7 @@ class IntegerNorm(torch.autograd.Function):
             gamma = map_weight(ctx, weight, ctx.where(op, "weight", layer))
             exponent = exponent + gamma.exponent
         if bias is not None:
-            beta = to_fixed_at(bias, exponent, 2**62, n_.rounding, ctx.key())
-            ctx.nonfinite.note(torch.isfinite(bias).all(), ctx.where(op, "bias", layer))
+            beta = ctx.map_at(bias, exponent, 2**62, ctx.where(op, "bias", layer))
         gamma_aff = grouping.affine(gamma.mantissa) if gamma is not None else None
         beta_aff = grouping.affine(beta.mantissa) if beta is not None else None
         if training:
@@ -217,7 +216,8 @@ class IntegerNorm(torch.autograd.Function):
                 _update_running(ctx, running, momentum, s1.flatten(), variance.flatten(), count, xq.exponent, finite)
         else:
             mean_r, var_r = running
-            mean_fixed = to_fixed_at(mean_r.detach().float(), xq.exponent - FRACTION_BITS, 2**62, "nearest").mantissa
+            # The running statistics are finite: a step that met NaN or Inf does not update them.
+            mean_fixed = map_at_deferred(mean_r, xq.exponent - FRACTION_BITS, 2**62, "nearest", 0)[0].mantissa
             inv, inv_exp = _running_inverse(var_r, eps)
             mean_fixed, inv, inv_exp = (grouping.stat_view(t) for t in (mean_fixed, inv, inv_exp))
             y = _forward_evaluation(m, xq.exponent, mean_fixed, inv, inv_exp, gamma_aff, beta_aff, exponent, x.shape)
@@ -257,17 +257,6 @@ class IntegerNorm(torch.autograd.Function):
         grad_bias = from_fixed(grad_b, gq.exponent) if has_bias else None
         ctx.record(op, "backward", True, 4 * grad.numel(), layer)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
-
-
-def add_fixed(a: torch.Tensor, ea: torch.Tensor, b: torch.Tensor, eb: torch.Tensor):
-    """``a 2**ea + b 2**eb`` for int64 mantissas below 2**61, on the finest grid where the sum
-    keeps within 62 bits. Aligning onto that grid drops only bits more than 61 below the larger
-    term, rounded to nearest: the stochastic rounding of a stored result is the re-normalisation
-    that follows. An all-zero term does not coarsen the grid."""
-    top_a = torch.where(a.abs().amax() > 0, ea + bit_length(a.abs().amax()), _NO_VALUE)
-    top_b = torch.where(b.abs().amax() > 0, eb + bit_length(b.abs().amax()), _NO_VALUE)
-    grid = torch.maximum(torch.minimum(ea, eb), torch.maximum(top_a, top_b) - 61)
-    return shift_right(a, grid - ea, "nearest") + shift_right(b, grid - eb, "nearest"), grid
 
 
 def _update_running(ctx, running, momentum, s1, variance, count, exponent, finite):
