@@ -22,10 +22,6 @@ MIN_COMPILED_NUMEL = 1 << 14
 _enabled = os.environ.get("INTRAIN_COMPILE", "1") != "0"
 
 
-def enabled() -> bool:
-    return _enabled
-
-
 @contextlib.contextmanager
 def compilation(on: bool):
     """Turn the compiled kernels on or off within a block (tests compare both)."""

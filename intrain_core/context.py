@@ -71,7 +71,7 @@ class IntegerContext:
         self.layer_stack: list[str] = []
 
     # --- randomness and state ------------------------------------------------------------
-    def key(self) -> int:
+    def key(self) -> torch.Tensor:
         """The key of the next stochastic rounding."""
         return self.stream.next_key()
 

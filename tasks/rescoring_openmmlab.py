@@ -46,4 +46,6 @@ def score(run_dir: Path, family: str, numerics: Numerics) -> dict[str, float]:
     # mmengine loads its checkpoints (numpy and logging objects) with full unpickling: this run's own files.
     with mock.patch.dict(os.environ, {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}):
         metrics = Runner.from_cfg(cfg).test()
+    if not metrics and family == "detection":
+        return {column: 0.0}  # CocoMetric reports nothing when nothing is detected: an AP of 0, as in training
     return {column: scale * float(metrics[key])}

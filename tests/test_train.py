@@ -103,8 +103,7 @@ def test_int8_resume_at_an_epoch_boundary_is_bit_identical(runs_dir):
     assert a["step"] == b["step"] == 6
     for key, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][key]), key
-    assert all(torch.equal(x, y) for x, y in zip(a["integer_context"]["generators"].values(),
-                                                  b["integer_context"]["generators"].values()))
+    assert a["integer_context"]["stream"] == b["integer_context"]["stream"]
 
 
 def test_int8_resume_in_the_middle_of_an_epoch_is_bit_identical(runs_dir):

@@ -35,16 +35,21 @@ class StepTraceHook(Hook):
 
     def __init__(self, out_dir: str):
         self.out_dir = Path(out_dir)
+        self.files = []
+
+    def _csv(self, name: str, header: list[str]):
+        self.files.append(open(self.out_dir / name, "w", newline=""))
+        writer = csv.writer(self.files[-1])
+        writer.writerow(header)
+        return writer
 
     def before_train(self, runner) -> None:
         model = getattr(runner.model, "module", runner.model)
         names = {p: n for n, p in model.named_parameters()}
         optimizer = runner.optim_wrapper.optimizer
         ctx = context_of(model)
-        rows = csv.writer(open(self.out_dir / "params.csv", "w", newline=""))
-        rows.writerow(FIELDS)
-        counters = csv.writer(open(self.out_dir / "counters.csv", "w", newline=""))
-        counters.writerow(["step", "clamps", "widenings", "nonfinite"])
+        rows = self._csv("params.csv", FIELDS)
+        counters = self._csv("counters.csv", ["step", "clamps", "widenings", "nonfinite"])
         original_step = optimizer.step
 
         def traced_step(*args, **kwargs):
@@ -59,11 +64,14 @@ class StepTraceHook(Hook):
             return result
 
         optimizer.step = traced_step
-        bn_rows = csv.writer(open(self.out_dir / "bn.csv", "w", newline=""))
-        bn_rows.writerow(BN_FIELDS)
+        bn_rows = self._csv("bn.csv", BN_FIELDS)
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.register_forward_hook(self._bn_probe(runner, name, bn_rows))
+
+    def after_run(self, runner) -> None:
+        for f in self.files:
+            f.close()
 
     @staticmethod
     def _bn_probe(runner, name, bn_rows):
