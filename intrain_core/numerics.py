@@ -10,7 +10,8 @@ import yaml
 
 from .rounding import ROUNDINGS
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "numerics"
+# Package data: the same files train.py's Hydra reads (hydra.searchpath in configs/config.yaml).
+PRESET_DIR = Path(__file__).resolve().parent / "configs" / "numerics"
 
 OP_FAMILIES = ("linear", "conv", "matmul", "norm", "add", "pool")
 
@@ -75,12 +76,8 @@ class Numerics:
 
     @classmethod
     def preset(cls, name: str) -> "Numerics":
-        """A preset from ``configs/numerics/<name>.yaml``, the same file Hydra composes."""
-        path = PRESET_DIR / f"{name}.yaml"
-        if not path.is_file():
-            raise ValueError(f"unknown numerics preset {name!r}; available: {available_presets()}")
-        with open(path) as f:
-            return cls.from_dict(yaml.safe_load(f))
+        """A preset from ``intrain_core/configs/numerics/<name>.yaml``, the file Hydra composes."""
+        return cls.from_dict(preset_values(name))
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -90,3 +87,24 @@ class Numerics:
 
 def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def preset_values(name: str, inheriting: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset file's keys over those of the presets its ``defaults`` list names, as Hydra
+    merges them. Only the form the presets use is read (preset names and ``_self_``); any
+    other defaults entry is refused rather than half-understood."""
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown numerics preset {name!r}; available: {available_presets()}")
+    if name in inheriting:
+        raise ValueError(f"numerics preset {name!r} inherits from itself: {' -> '.join((*inheriting, name))}")
+    own = yaml.safe_load(path.read_text()) or {}
+    defaults = own.pop("defaults", [])
+    if not isinstance(defaults, list) or not all(isinstance(d, str) for d in defaults):
+        raise ValueError(f"{path}: defaults must be a list of preset names and _self_, got {defaults!r}")
+    if "_self_" not in defaults:
+        defaults = [*defaults, "_self_"]  # Hydra's place for it in a group's config
+    values: dict[str, Any] = {}
+    for entry in defaults:
+        values.update(own if entry == "_self_" else preset_values(entry, (*inheriting, name)))
+    return values

@@ -6,6 +6,7 @@ import pytest
 import yaml
 from conftest import CONFIGS, SMALL_RESNET, compose, read_metrics, train_in_process
 
+from intrain_core import available_presets
 from tasks.common import cli, schema
 from tasks.common.errors import ConfigError
 from tasks.common.run_dir import discard_empty_dirs
@@ -27,8 +28,8 @@ def test_every_shipped_task_and_dataset_passes_its_schema(tmp_path):
     for task, dataset in pairs:
         root = ["dataset.root=/data"] if "root: ???" in (CONFIGS / "dataset" / f"{dataset}.yaml").read_text() else []
         schema.validate(compose(tmp_path, f"task={task}", f"dataset={dataset}", *root))
-    for numerics in (CONFIGS / "numerics").glob("*.yaml"):
-        schema.validate(compose(tmp_path, f"numerics={numerics.stem}"))
+    for numerics in available_presets():
+        schema.validate(compose(tmp_path, f"numerics={numerics}"))
 
 
 @pytest.mark.parametrize("override,message", [
