@@ -37,6 +37,7 @@ class Numerics:
     master_bits: int = 32  # IntSGD master weight and momentum mantissas
     backend: str = "native"  # or "reference": exact int64 arithmetic for tests
     seed: int = 0
+    allreduce: str = "integer"  # DDP gradient all-reduce: "integer" (exact, intrain_core.distributed) or "float"
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -47,6 +48,7 @@ class Numerics:
             "nonlinear": (self.nonlinear, ("float",)),
             "optimizer": (self.optimizer, ("intsgd", "sgd")),
             "backend": (self.backend, ("native", "reference")),
+            "allreduce": (self.allreduce, ("integer", "float")),
         }
         for key, (value, allowed) in checks.items():
             if value not in allowed:
