@@ -71,15 +71,23 @@ def _floor_log2(value: float) -> int:
 
 
 # --- training statistics --------------------------------------------------------------------
+def _sums(m: torch.Tensor):
+    """S1 and S2 per group of the (A, G, B) view, int64: what ranks add to share statistics."""
+    wide = m.to(torch.int64)
+    return wide.sum((0, 2), keepdim=True), (wide * wide).sum((0, 2), keepdim=True)
+
+
 @fused
 def _batch_statistics(m: torch.Tensor, exponent: torch.Tensor, eps_m: int, eps_e: int):
     """Per group of the (A, G, B) view: S1, V, and 1/sqrt(V + eps) as (mantissa, exponent) with
     V shifted left by 2k (k folded into the exponent). ``eps_m 2**eps_e = eps n**2`` with
     EPS_BITS significant bits, added in V's units."""
-    n = m.shape[0] * m.shape[2]
-    wide = m.to(torch.int64)
-    s1 = wide.sum((0, 2), keepdim=True)
-    s2 = (wide * wide).sum((0, 2), keepdim=True)
+    s1, s2 = _sums(m)
+    return (s1,) + _statistics_from_sums(s1, s2, m.shape[0] * m.shape[2], exponent, eps_m, eps_e)
+
+
+def _statistics_from_sums(s1, s2, n, exponent, eps_m: int, eps_e: int):
+    """V and 1/sqrt(V + eps) of ``_batch_statistics`` from the sums of n values."""
     variance = n * s2 - s1 * s1
     # In V's units, 2**(2s), eps is eps_m 2**(eps_e - 2s): below one unit when few values share a
     # large exponent. Shift V left (an even amount, within int64) until eps is whole.
@@ -88,7 +96,7 @@ def _batch_statistics(m: torch.Tensor, exponent: torch.Tensor, eps_m: int, eps_e
     shift = shift - shift % 2
     eps_int = round_half_up_shift(torch.full_like(s1, eps_m), -(eps_e - 2 * exponent + shift))
     inv, inv_exp = reciprocal_sqrt(((variance << shift) + eps_int).clamp(min=1))
-    return s1, variance, inv, inv_exp + shift // 2
+    return variance, inv, inv_exp + shift // 2
 
 
 def _centred_shift(n: int, bits: int) -> int:
@@ -165,17 +173,35 @@ def _backward_training(m, s1, inv, inv_exp, g, gamma_m, n, c_shift: int, scale_s
     dx = rstd (d - mean(d) - xhat mean(d xhat)), rstd = n inv 2**(inv_exp - x_exp).
     ``m``, ``s1`` and ``inv`` are in the (A, G, B) view; ``g`` and ``gamma_m`` in x's shape.
     """
+    xhat, grad_weight, grad_bias, d, total, projection = _backward_sums(m, s1, inv, inv_exp, g, gamma_m, n, c_shift,
+                                                                        affine_dims)
+    inner, inner_shift = narrow(_backward_inner(xhat, d, total, projection, n))
+    grad_x = _backward_input(inner, inner_shift, inv, inv_exp, n, scale_shift, x_exp, g_exp, gamma_exp)
+    return grad_x.reshape(g.shape), grad_weight, grad_bias
+
+
+def _backward_sums(m, s1, inv, inv_exp, g, gamma_m, n, c_shift: int, affine_dims: tuple):
+    """xhat, the affine gradients, d, and the per-group sums of d and d xhat (int64): what
+    ranks add to share the backward's statistics."""
     xhat = _xhat(m, s1, inv, inv_exp, n, c_shift)
     grad_weight, grad_bias, d = _affine_gradients(g, gamma_m, xhat, affine_dims)
     total = d.sum((0, 2), keepdim=True)
     # |sum(d xhat)| / n <= rms(d) rms(xhat) (Cauchy-Schwarz): below 2**(16 + 16).
     projection = (d * xhat).sum((0, 2), keepdim=True)
+    return xhat, grad_weight, grad_bias, d, total, projection
+
+
+def _backward_inner(xhat, d, total, projection, n):
+    """d - mean(d) - xhat mean(d xhat) in FRACTION_BITS units, from the sums over all n values."""
     inner = (d << FRACTION_BITS) - torch.div(total << FRACTION_BITS, n, rounding_mode="floor")
-    inner = inner - round_half_up_shift(xhat * torch.div(projection, n, rounding_mode="floor"), FRACTION_BITS)
-    inner, inner_shift = narrow(inner)
+    return inner - round_half_up_shift(xhat * torch.div(projection, n, rounding_mode="floor"), FRACTION_BITS)
+
+
+def _backward_input(inner, inner_shift, inv, inv_exp, n, scale_shift: int, x_exp, g_exp, gamma_exp):
+    """dx in the (A, G, B) view from ``inner`` narrowed by ``inner_shift`` to OPERAND_BITS."""
     scale = round_half_up_shift(inv * n, scale_shift)
     exponent = inv_exp + scale_shift - x_exp + g_exp + gamma_exp - FRACTION_BITS + inner_shift
-    return from_fixed(inner * scale, exponent).reshape(g.shape), grad_weight, grad_bias
+    return from_fixed(inner * scale, exponent)
 
 
 @fused
