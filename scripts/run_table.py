@@ -7,11 +7,14 @@ Finished runs are skipped and killed ones resume from their checkpoint, so an in
 continues where it stopped. ``--rows`` trains only those rows (one process per row runs a table on
 several machines or cores over a shared runs dir); the aggregate always covers every row.
 ``--jobs N`` trains N runs at once on this machine, the cores split between them.
-``--dry-run`` builds every config, model and optimiser without data.
+``--dry-run`` builds every config, model and optimiser without data. Each row's setting is the
+Hydra experiment ``configs/experiment/<table>/<row>.yaml``; ``configs/tables/<table>.yaml`` lists
+the rows, presets and seeds.
 """
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,6 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    try:
+        return run(args)
+    except (ValueError, RuntimeError, subprocess.CalledProcessError) as err:
+        print(f"run_table: {err}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
     table = tables.load_table(args.table, args.scale)
     training = tables.select_rows(table, args.rows) if args.rows else table
     runs_dir = (args.runs_dir or tables.default_runs_dir(table)).resolve()

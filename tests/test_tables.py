@@ -4,13 +4,23 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
+from omegaconf import OmegaConf
 
 from tasks import tables
 from tasks.run_logging import MetricsCSV, git_dirty
+from tasks.tables import spec
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = ROOT / "configs" / "experiment"
+RESULTS = ROOT / "results"
 
 
 def test_every_table_has_both_scales_and_fp32():
@@ -22,7 +32,63 @@ def test_every_table_has_both_scales_and_fp32():
             assert all(row.metric.startswith("val/") and row.minutes > 0 for row in table.rows)
     ablation = tables.load_table("ablation", "mini")
     assert {"int8", "int16", "int8_nearest", "int8_fwd"} <= set(ablation.presets)
-    assert {row.overrides[0] for row in ablation.rows} == {"task=resnet18", "task=vit"}
+    assert {row.task for row in ablation.rows} == {"resnet18", "vit"}
+    metrics = {tables.load_table(name, "mini").rows[0].metric for name in ("detection", "segmentation")}
+    assert metrics == {"val/bbox_mAP", "val/mIoU"}  # each family's validation metric
+
+
+def test_every_row_is_an_experiment_config_and_every_experiment_a_row():
+    rows = {row.experiment for name in tables.TABLES for scale in tables.SCALES
+            for row in tables.load_table(name, scale).rows}
+    files = {str(p.relative_to(EXPERIMENTS).with_suffix("")) for p in EXPERIMENTS.rglob("*.yaml")}
+    assert rows == files
+
+
+def test_a_table_row_holds_no_setting_and_a_missing_experiment_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(spec, "TABLES_DIR", tmp_path)
+    monkeypatch.setattr(spec, "TABLES", ("classification",))
+    text = "presets: [fp32]\nscales:\n  mini:\n    rows:\n      resnet18_digits: {overrides: [task=vit]}\n"
+    (tmp_path / "classification.yaml").write_text(text)
+    with pytest.raises(ValueError, match=r"\['overrides'\] is not a row key.*configs/experiment/classification/"):
+        tables.load_table("classification", "mini")
+    (tmp_path / "classification.yaml").write_text(text.replace("resnet18_digits: {overrides: [task=vit]}",
+                                                               "resnet19_digits: {}"))
+    with pytest.raises(ValueError, match="row resnet19_digits: .*experiment/classification/resnet19_digits"):
+        tables.load_table("classification", "mini")
+
+
+@pytest.mark.parametrize("name", ["classification", "ablation", "detection", "segmentation"])
+def test_committed_runs_were_trained_with_their_experiment_config(name):
+    # Every setting a committed run recorded is what its experiment composes today (keys added since
+    # are absent from the old config.yaml; progress_bar is the queue's console choice).
+    table = tables.load_table(name, "mini")
+    for row in table.rows:
+        for preset, run_name, extra in table.runs(row):
+            recorded = yaml.safe_load((RESULTS / name / "runs" / row.name / run_name / "config.yaml").read_text())
+            composed = OmegaConf.to_container(tables.compose_row(row.experiment, f"numerics={preset}", *extra),
+                                              resolve=True)
+            for section in ("task", "dataset", "trainer", "numerics"):
+                differ = {key: (value, composed[section].get(key)) for key, value in recorded[section].items()
+                          if key != "progress_bar" and composed[section].get(key) != value}
+                assert not differ, f"{name}/{row.name}/{run_name} {section}: recorded, composed = {differ}"
+
+
+@pytest.mark.parametrize("name", ["classification", "ablation", "detection", "segmentation"])
+def test_aggregating_the_committed_runs_again_gives_the_committed_table(tmp_path, name):
+    table = tables.load_table(name, "mini")
+    runs_dir = tmp_path / "runs"
+    shutil.copytree(RESULTS / name / "runs", runs_dir)
+    for run_dir in runs_dir.glob("*/*"):
+        (run_dir / tables.DONE).write_text("0 s\n")  # the committed runs all finished
+    out = tmp_path / "results"
+    (out / name).mkdir(parents=True)
+    shutil.copyfile(RESULTS / name / "notes.md", out / name / "notes.md")
+    md, csv_path = tables.aggregate(table, runs_dir, out, f"make table-{name} SCALE=mini")
+    assert csv_path.read_text() == (RESULTS / f"{name}.csv").read_text()
+    aggregated_at = re.compile(r"^Aggregated at commit `\w+`, [\d-]+;", re.M)
+    committed = (RESULTS / f"{name}.md").read_text()
+    assert aggregated_at.sub("", md.read_text()) == aggregated_at.sub("", committed)
+    assert (RESULTS / name / "notes.md").read_text() in md.read_text()  # the notes sit under the table
 
 
 def test_unknown_table_or_scale_lists_the_valid_names():
@@ -146,8 +212,8 @@ def test_parallel_jobs_overlap_and_report_every_failure_at_the_end(tmp_path, mon
     row = dataclasses.replace(mini.rows[0], seeds=(("fp32", (1,)),))
     table = dataclasses.replace(mini, rows=(row,))
     timeline = tmp_path / "timeline.txt"
-    monkeypatch.setattr(tables, "train_command", _fake_train_command(timeline, fail_run="int8"))
-    monkeypatch.setattr(tables.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(tables.queue, "train_command", _fake_train_command(timeline, fail_run="int8"))
+    monkeypatch.setattr(tables.queue.os, "cpu_count", lambda: 4)
     with pytest.raises(RuntimeError, match=r"1 of 3 runs failed: \[classification\] \S+ int8 .*int8\.console\.log"):
         tables.run_table(table, tmp_path, jobs=2)
     spans = {name: (float(a), float(b), threads)
@@ -160,7 +226,7 @@ def test_parallel_jobs_overlap_and_report_every_failure_at_the_end(tmp_path, mon
     assert done == {"fp32", "fp32-seed1"}  # the failure did not stop the run queued after it
 
     timeline.unlink()
-    monkeypatch.setattr(tables, "train_command", _fake_train_command(timeline))
+    monkeypatch.setattr(tables.queue, "train_command", _fake_train_command(timeline))
     tables.run_table(table, tmp_path, jobs=2)
     assert [line.split()[0] for line in timeline.read_text().splitlines()] == ["int8"]  # only what had failed
 
