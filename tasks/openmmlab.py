@@ -106,8 +106,28 @@ def build_mm_config(cfg: DictConfig, run_dir: Path, family: Family, resume_step:
                           "use trainer.device=auto, and CUDA_VISIBLE_DEVICES='' (or =N) to choose")
     mm = Config.fromfile(str(zoo_config_path(family.package, t.mm_config)))
     numerics = OmegaConf.to_container(cfg.numerics, resolve=True)
+    _set_model(mm, cfg, family)
+    _set_data(mm, cfg, family, check_data)
+    by_epoch = _set_schedule(mm, cfg)
+    _set_optimizer(mm, t, numerics)
+    _set_hooks(mm, cfg, run_dir, family, resume_step, numerics, by_epoch)
+    mm.work_dir = str(run_dir)
+    mm.randomness = dict(seed=int(tr.seed), deterministic=bool(tr.deterministic) and _cuda(tr))
+    mm.env_cfg = ConfigDict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
+                            dist_cfg=dict(backend="nccl"))
+    mm.launcher = "none"
+    # A resume reads <run dir>/last_checkpoint; pretrained weights only start a new run.
+    mm.load_from = str(Path(t.checkpoint).expanduser()) if t.get("checkpoint") and not tr.resume else None
+    mm.resume = bool(tr.resume)
+    mm.log_level = "WARNING"
+    if t.get("mm_options"):  # any other key of the mm config, dotted: {model.neck.out_channels: 128}
+        mm.merge_from_dict(OmegaConf.to_container(t.mm_options, resolve=True))
+    return mm
 
-    # Model: no hub downloads (init_cfg/pretrained), the backbone depth, the class count.
+
+def _set_model(mm, cfg: DictConfig, family: Family) -> None:
+    """No hub downloads (init_cfg/pretrained), the backbone depth, the class count."""
+    t = cfg.task
     mm.model.pop("pretrained", None)
     walk(mm.model, lambda d: d.pop("init_cfg", None) if d.get("init_cfg", {}) and
          str(d["init_cfg"].get("type", "")) == "Pretrained" else None)
@@ -115,9 +135,11 @@ def build_mm_config(cfg: DictConfig, run_dir: Path, family: Family, resume_step:
         train_backbone_from_scratch(mm.model.backbone)
     if t.get("depth"):
         family.set_depth(mm.model, int(t.depth))
-    family.set_num_classes(mm.model, int(ds.num_classes))
+    family.set_num_classes(mm.model, int(cfg.dataset.num_classes))
 
-    # Data.
+
+def _set_data(mm, cfg: DictConfig, family: Family, check_data: bool) -> None:
+    tr, ds = cfg.trainer, cfg.dataset
     if ds.name.startswith("digits"):
         if check_data:
             family.embedded_data(mm, cfg)
@@ -131,7 +153,12 @@ def build_mm_config(cfg: DictConfig, run_dir: Path, family: Family, resume_step:
         loader.persistent_workers = int(tr.num_workers) > 0
     mm.test_dataloader, mm.test_evaluator = mm.val_dataloader, mm.val_evaluator
 
-    # Schedule.
+
+def _set_schedule(mm, cfg: DictConfig) -> bool:
+    """The training loop (iterations or epochs), validation and lr schedule; True when by epoch."""
+    from mmengine.config import ConfigDict
+
+    t, tr = cfg.task, cfg.trainer
     warmup = int(t.get("warmup_iters") or 0)
     if tr.max_steps is not None:
         total = int(tr.max_steps)
@@ -145,8 +172,13 @@ def build_mm_config(cfg: DictConfig, run_dir: Path, family: Family, resume_step:
     mm.val_cfg, mm.test_cfg = ConfigDict(type="ValLoop"), ConfigDict(type="TestLoop")
     if t.schedule != "zoo":
         mm.param_scheduler = _schedule(t, total, by_epoch, warmup)
+    return by_epoch
 
-    # Optimiser: the numerics pick SGD or IntSGD; no clipping (the paper adds none).
+
+def _set_optimizer(mm, t: DictConfig, numerics: dict) -> None:
+    """The numerics pick SGD or IntSGD; no clipping (the paper adds none)."""
+    from mmengine.config import ConfigDict
+
     integer_sgd = numerics["integer"] and numerics.get("optimizer", "intsgd") == "intsgd"
     optimizer = dict(type="IntSGD" if integer_sgd else "SGD", lr=float(t.lr), momentum=float(t.momentum),
                      weight_decay=float(t.weight_decay))
@@ -155,7 +187,13 @@ def build_mm_config(cfg: DictConfig, run_dir: Path, family: Family, resume_step:
     mm.optim_wrapper = ConfigDict(type="OptimWrapper", optimizer=optimizer, clip_grad=None)
     mm.pop("auto_scale_lr", None)
 
-    # Hooks, logging, checkpoints.
+
+def _set_hooks(mm, cfg: DictConfig, run_dir: Path, family: Family, resume_step: int | None, numerics: dict,
+               by_epoch: bool) -> None:
+    """Logging, checkpoints, the run's metrics and, for integer numerics, the conversion."""
+    from mmengine.config import ConfigDict
+
+    tr, ds = cfg.trainer, cfg.dataset
     mm.default_hooks.logger = ConfigDict(type="LoggerHook", interval=20)
     mm.default_hooks.checkpoint = ConfigDict(
         type="CheckpointHook", interval=1 if by_epoch else int(mm.train_cfg.val_interval), by_epoch=by_epoch,
@@ -172,18 +210,6 @@ def build_mm_config(cfg: DictConfig, run_dir: Path, family: Family, resume_step:
         hooks.insert(0, dict(type="IntegerNumericsHook", numerics=numerics, run_dir=str(run_dir),
                              restore_context=bool(tr.resume)))
     mm.custom_hooks = hooks
-    mm.work_dir = str(run_dir)
-    mm.randomness = dict(seed=int(tr.seed), deterministic=bool(tr.deterministic) and _cuda(tr))
-    mm.env_cfg = ConfigDict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
-                            dist_cfg=dict(backend="nccl"))
-    mm.launcher = "none"
-    # A resume reads <run dir>/last_checkpoint; pretrained weights only start a new run.
-    mm.load_from = str(Path(t.checkpoint).expanduser()) if t.get("checkpoint") and not tr.resume else None
-    mm.resume = bool(tr.resume)
-    mm.log_level = "WARNING"
-    if t.get("mm_options"):  # any other key of the mm config, dotted: {model.neck.out_channels: 128}
-        mm.merge_from_dict(OmegaConf.to_container(t.mm_options, resolve=True))
-    return mm
 
 
 def _device_unsupported(device: str) -> bool:
