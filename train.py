@@ -5,6 +5,9 @@ same data order), then ``python scripts/compare_curves.py runs/<experiment_name>
 The run directory is ``<runs_dir>/<experiment_name>/<run_name>`` (configs/config.yaml).
 A bad input (a value out of range, a missing dataset, a diverged run) ends with one line and
 exit status 1; a config refused before training leaves nothing in the runs folder.
+The task function returns the run's final validation metric of its family (val/acc1,
+val/bbox_mAP or val/mIoU), which a Hydra sweeper optimises. A paper setting is one experiment:
+``python train.py experiment=classification/resnet18_digits numerics=int8``.
 """
 import logging
 import sys
