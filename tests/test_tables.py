@@ -247,3 +247,18 @@ def test_rewritten_results_do_not_mark_a_tree_dirty(tmp_path):
     assert git_dirty(tmp_path) is False
     (tmp_path / "train.py").write_text("new\n")
     assert git_dirty(tmp_path) is True
+
+
+def test_the_dry_run_command_builds_a_paper_table_and_a_bad_row_is_one_line(tmp_path):
+    pytest.importorskip("mmseg")
+    command = [sys.executable, str(ROOT / "scripts" / "run_table.py"), "segmentation", "--scale", "paper",
+               "--runs-dir", str(tmp_path)]
+    done = subprocess.run([*command, "--dry-run"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    built = done.stdout.splitlines()
+    assert len(built) == 4 and sum(line.endswith(": IntSGD") for line in built) == 2
+    assert "cityscapes" in built[-1]  # the Cityscapes row's own zoo config
+    refused = subprocess.run([*command, "--rows", "deeplabv3_r50_ade"], capture_output=True, text=True, cwd=tmp_path)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines() == [refused.stderr.strip()] and "deeplabv3_r50_voc" in refused.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
