@@ -11,6 +11,7 @@ import torch
 from .context import IntegerContext
 from .dispatch import IntegerMode
 from .numerics import Numerics
+from .ops import sync_norm
 from .ops.weights import register_context
 
 CONTEXT_ATTR = "_intrain_context"
@@ -61,10 +62,25 @@ def _install(model: torch.nn.Module, ctx: IntegerContext) -> list:
     for name, module in model.named_modules():
         handles.append(module.register_forward_pre_hook(push(name or "<model>")))
         handles.append(module.register_forward_hook(pop, always_call=True))
+        if isinstance(module, torch.nn.SyncBatchNorm) and ctx.numerics.integer:
+            handles.append(_SyncNormForward(module))
     # The root's mode hooks wrap the name hooks: registered first on entry, last on exit.
     handles.append(model.register_forward_pre_hook(enter, prepend=True))
     handles.append(model.register_forward_hook(leave, always_call=True))
     return handles
+
+
+class _SyncNormForward:
+    """PyTorch's synchronised batch norm calls no torch function the mode could route (and
+    refuses CPU tensors): a SyncBatchNorm of a converted model runs ``sync_norm.forward``
+    instead, which routes it. ``remove`` restores the class's forward, as a hook handle does."""
+
+    def __init__(self, module: torch.nn.SyncBatchNorm):
+        self.module = module
+        module.forward = sync_norm.forward.__get__(module)
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)
 
 
 def convert(model: torch.nn.Module, numerics: Numerics | str) -> torch.nn.Module:

@@ -19,6 +19,7 @@ from .ops import linear as linear_ops
 from .ops import matmul as matmul_ops
 from .ops import norm as norm_ops
 from .ops import pool as pool_ops
+from .ops import sync_norm as sync_norm_ops
 
 FALLBACK = object()
 
@@ -147,6 +148,13 @@ def _norm(name):
     return handler
 
 
+def _sync_batch_norm(ctx, input, *args):
+    if not ctx.numerics.runs_integer("norm") or not _is_float32(input):
+        return FALLBACK
+    y = sync_norm_ops.integer_sync_batch_norm(ctx, input, *args)
+    return FALLBACK if y is None else y
+
+
 def _avg_pool2d(ctx, input, *args, **kwargs):
     if not ctx.numerics.runs_integer("pool") or not _is_float32(input):
         return FALLBACK
@@ -190,6 +198,7 @@ HANDLERS = {
     F.batch_norm: _norm("batch_norm"),
     F.layer_norm: _norm("layer_norm"),
     F.group_norm: _norm("group_norm"),
+    sync_norm_ops.sync_batch_norm: _sync_batch_norm,
     F.avg_pool2d: _avg_pool2d,
     F.adaptive_avg_pool2d: _adaptive_avg_pool2d,
     torch.mean: _mean,

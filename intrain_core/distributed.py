@@ -26,14 +26,11 @@ import math
 import torch
 import torch.distributed as dist
 
+from .collective import agree_exponents, rank_key
 from .convert import context_of
 from .fixed_point import from_fixed, map_at_deferred, qmax
 from .numerics import Numerics
-from .rounding import as_key, stream_key
 
-# The exponent an all-zero gradient offers to the MAX: below every real one, so it never sets the
-# shared exponent (the contract's exponent 0 for zeros would flush the other ranks' gradients).
-NO_VALUE = -(2**40)
 INT32_MAX = 2**31 - 1
 
 
@@ -52,22 +49,6 @@ def accumulator_dtype(bits: int, world_size: int) -> torch.dtype:
     no sum of two 8-bit mantissas.
     """
     return torch.int32 if world_size * qmax(bits) <= INT32_MAX else torch.int64
-
-
-def rank_key(base_key: int, rank: int) -> torch.Tensor:
-    """The key of one rank's mapping: a hash of the stream's key (seed, counter) and the rank."""
-    return as_key(stream_key(int(base_key), rank))
-
-
-def _tops(gradients: list[torch.Tensor]) -> torch.Tensor:
-    """Per gradient: ``floor(log2 max|g|)`` (NO_VALUE when all zero), then 1 if any element is
-    NaN or Inf (else 0), as one int64 vector for a MAX all-reduce."""
-    amax = torch.stack([g.detach().abs().amax().float() if g.numel() else g.new_zeros((), dtype=torch.float32)
-                        for g in gradients])
-    top = torch.frexp(amax).exponent.to(torch.int64) - 1
-    finite = torch.isfinite(amax)
-    top = torch.where((amax > 0) & finite, top, NO_VALUE)
-    return torch.cat([top, (~finite).any().to(torch.int64).reshape(1)])
 
 
 class IntegerAllreduce:
@@ -93,17 +74,13 @@ class IntegerAllreduce:
     def exchange(self, flat: torch.Tensor, sizes: list[int]) -> torch.futures.Future:
         """The exact mean over ranks of ``flat`` (float32, the gradients of ``sizes`` laid end
         to end) as a future: steps 1-4 of the module docstring."""
-        tops = _tops(list(flat.split(sizes))) if sizes else _tops([flat])
-        dist.all_reduce(tops, op=dist.ReduceOp.MAX, group=self.group)
-        nonfinite = tops[-1] > 0
-        top = torch.where(tops[:-1] == NO_VALUE, self.bits - 2, tops[:-1])  # all zero anywhere: exponent 0
-        exponents = top - (self.bits - 2)
+        exponents, finite = agree_exponents(list(flat.split(sizes)) if sizes else [flat], self.bits, self.group)
         per_element = torch.repeat_interleave(exponents, torch.tensor(sizes or [flat.numel()], device=flat.device),
                                               output_size=flat.numel())
         key = rank_key(self.stream.next_key(), self.rank)
         fp, _ = map_at_deferred(flat, per_element, qmax(self.bits), self.numerics.rounding, key)
         mantissas = fp.mantissa.to(self.dtype)
-        self.sent[len(self.sent)] = (mantissas.numel() * mantissas.element_size() + tops.numel() * tops.element_size(),
+        self.sent[len(self.sent)] = (mantissas.numel() * mantissas.element_size() + 8 * (exponents.numel() + 1),
                                      flat.numel() * 4)
         world = self.world_size
         work = dist.all_reduce(mantissas, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
@@ -114,7 +91,7 @@ class IntegerAllreduce:
                 result = from_fixed(total, per_element - (world.bit_length() - 1))
             else:  # one correctly rounded float32 division of an exact sum (exact sum while |sum| < 2**24)
                 result = from_fixed(total, per_element) / world
-            return torch.where(nonfinite, torch.full_like(result, float("nan")), result)
+            return torch.where(finite, result, torch.full_like(result, float("nan")))
 
         return work.get_future().then(mean)
 
