@@ -9,8 +9,9 @@ from tasks.common.errors import ConfigError
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, num_classes, limit=None) -> dict[str, float]:
+def evaluate(model, loader, device, num_classes, limit=None, reduce=None) -> dict[str, float]:
     """val/loss (plain cross-entropy), val/acc1 and val/acc5 (>= 5 classes), in percent.
+    ``reduce`` adds the counts and sums of every process (each evaluated its share).
 
     The integer context's generators are restored afterwards: validation never shifts the
     training's random stream, so how often it runs does not change the trajectory.
@@ -36,6 +37,8 @@ def evaluate(model, loader, device, num_classes, limit=None) -> dict[str, float]
         model.train(was_training)
         if ctx is not None:
             ctx.load_state_dict({"stream": saved["stream"], "counters": ctx.counter_values()})
+    if reduce is not None:
+        total, loss_sum, correct1, correct5 = reduce([total, loss_sum, correct1, correct5])
     if total == 0:
         raise ConfigError("the validation set is empty (check trainer.limit_val_batches and the dataset)")
     metrics = {"val/loss": loss_sum / total, "val/acc1": 100.0 * correct1 / total}

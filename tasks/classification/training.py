@@ -5,6 +5,7 @@ checkpoint, so a run resumed in a new process continues bit-identically.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -19,6 +20,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from intrain_core import Numerics, context_of, convert
+from intrain_core.distributed import register_integer_allreduce, uses_integer_allreduce
 from intrain_core.optim import build_optimizer
 from tasks.checkpoint import CheckpointError, config_diff, load_checkpoint, rng_state, save_checkpoint, \
     seed_everything, set_rng_state
@@ -28,7 +30,7 @@ from tasks.classification.models import build_model
 from tasks.classification.pretrained import load_pretrained
 from tasks.classification.schedule import lr_factor_fn
 from tasks.common.coverage_step import coverage_step
-from tasks.common.device import resolve_device
+from tasks.common import distributed
 from tasks.common.errors import ConfigError
 from tasks.common.nonfinite import NonFiniteGuard
 from tasks.common.run_dir import LAST, open_run_dir, prepare_run_dir, write_run_info
@@ -45,14 +47,24 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train and validate as ``cfg`` says, writing everything into ``run_dir``; return final metrics.
 
     Every check that can fail on a user's input (run dir, checkpoint, dataset, model, device)
-    runs before anything is written.
+    runs before anything is written. Under torchrun every process runs this; ``trainer.batch_size``
+    is the global batch (tasks/common/distributed.py).
     """
+    run_dir = Path(run_dir)
+    ranks, device = distributed.start(cfg.trainer.device)
+    try:
+        return _run(cfg, run_dir, ranks, device)
+    finally:
+        distributed.stop()
+
+
+def _run(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks, device: torch.device) -> dict[str, Any]:
     from tasks.datasets import build_datasets
 
-    run_dir = Path(run_dir)
     tr, ds = cfg.trainer, cfg.dataset
     config = OmegaConf.to_container(cfg, resolve=True)
-    device = resolve_device(tr.device)
+    distributed.per_rank_batch(int(tr.batch_size), ranks)
+    # Every rank checks (they see the same files); only rank 0 writes, after all have checked.
     ckpt_path = prepare_run_dir(run_dir, bool(tr.resume))
     checkpoint = load_checkpoint(ckpt_path) if ckpt_path else None
     if checkpoint is not None:
@@ -60,6 +72,13 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         if diffs:
             raise CheckpointError(f"trainer.resume=true, but this config differs from the one {ckpt_path} was "
                                   f"trained with: {'; '.join(diffs)}")
+        trained_with = int(checkpoint.get("world_size", 1))
+        if trained_with != ranks.world_size:
+            raise CheckpointError(f"{ckpt_path} was trained by {trained_with} process(es) and this run has "
+                                  f"{ranks.world_size}: resume with the same number (torchrun --nproc_per_node, "
+                                  "--nnodes), so that it continues the same integer roundings")
+    if ranks.distributed:
+        torch.distributed.barrier()
 
     splits = build_datasets(ds.name, root=ds.root, image_size=int(ds.image_size), augment=bool(ds.augment))
     steps_per_epoch = len(splits.train) // int(tr.batch_size)
@@ -75,8 +94,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if cfg.task.checkpoint and checkpoint is None:
         load_pretrained(model, cfg.task.checkpoint, splits.num_classes)
 
-    with open_run_dir(run_dir, new_run=checkpoint is None):
-        loop = Loop.build(cfg, config, run_dir, device, splits, model, steps_per_epoch, total_steps)
+    writes = open_run_dir(run_dir, new_run=checkpoint is None) if ranks.main else contextlib.nullcontext()
+    with writes:
+        loop = Loop.build(cfg, config, run_dir, device, splits, model, steps_per_epoch, total_steps, ranks)
         if checkpoint is not None:
             loop.restore(checkpoint, ckpt_path)
         return loop.run(checkpoint)
@@ -103,9 +123,12 @@ class Loop:
     wandb_id: str | None = None
     guard: NonFiniteGuard = field(default_factory=NonFiniteGuard)
     started: float = field(default_factory=time.monotonic)
+    ranks: distributed.Ranks = field(default_factory=distributed.Ranks)
+    trained: nn.Module | None = None  # what the training forward calls: the model, or its DDP wrapper
 
     @classmethod
-    def build(cls, cfg, config, run_dir, device, splits, model, steps_per_epoch, total_steps) -> "Loop":
+    def build(cls, cfg, config, run_dir, device, splits, model, steps_per_epoch, total_steps,
+              ranks: distributed.Ranks = distributed.Ranks()) -> "Loop":
         t = cfg.task
         if cfg.trainer.deterministic and device.type == "cuda":
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
@@ -115,8 +138,15 @@ class Loop:
                                     weight_decay=float(t.weight_decay), nesterov=bool(t.nesterov))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_fn(t, steps_per_epoch, total_steps))
         criterion = nn.CrossEntropyLoss(label_smoothing=float(t.label_smoothing or 0.0))
+        trained = model
+        if ranks.distributed:
+            trained = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
+            if uses_integer_allreduce(numerics):
+                register_integer_allreduce(trained)
         return cls(cfg, config, run_dir, device, splits, model, optimizer, scheduler, criterion, numerics,
-                   steps_per_epoch, total_steps, guard=NonFiniteGuard(str(cfg.trainer.on_nonfinite), float(t.lr)))
+                   steps_per_epoch, total_steps, guard=NonFiniteGuard(str(cfg.trainer.on_nonfinite), float(t.lr)),
+                   ranks=ranks, trained=trained)
 
     # --- restore --------------------------------------------------------------------------------------
     def restore(self, checkpoint: dict, path: Path) -> None:
@@ -140,12 +170,15 @@ class Loop:
     def run(self, checkpoint: dict | None) -> dict[str, Any]:
         tr = self.cfg.trainer
         self._announce()
-        report = self._start_outputs() if checkpoint is None else None
-        wandb_run = self._wandb(report)
-        write_run_info(self.run_dir, self.device, self.step if checkpoint is not None else None,
-                       {"experiment_name": self.cfg.experiment_name, "run_name": self.cfg.run_name,
-                        **({"wandb": wandb_run.describe()} if wandb_run else {})})
-        self.metrics = MetricsCSV(self.run_dir / "metrics.csv", resume_step=self.step if checkpoint else None)
+        report = self._start_outputs() if checkpoint is None and self.ranks.main else None
+        wandb_run = self._wandb(report) if self.ranks.main else None
+        if self.ranks.main:
+            write_run_info(self.run_dir, self.device, self.step if checkpoint is not None else None,
+                           {"experiment_name": self.cfg.experiment_name, "run_name": self.cfg.run_name,
+                            "world_size": self.ranks.world_size,
+                            **({"wandb": wandb_run.describe()} if wandb_run else {})})
+        self.metrics = (MetricsCSV(self.run_dir / "metrics.csv", resume_step=self.step if checkpoint else None)
+                        if self.ranks.main else None)
         self.wandb_run = wandb_run
         self.started = time.monotonic()
         stop_after = int(tr.stop_after_epochs) if tr.get("stop_after_epochs") is not None else None
@@ -168,7 +201,8 @@ class Loop:
                     break
         finally:
             bar.close()
-            self.metrics.close()
+            if self.metrics is not None:
+                self.metrics.close()
             if wandb_run:
                 wandb_run.summary({k: v for k, v in last_val.items() if k != "step"})
                 wandb_run.finish(exit_code=0 if sys.exc_info()[0] is None else 1)
@@ -179,8 +213,11 @@ class Loop:
     def _announce(self) -> None:
         n_params = sum(p.numel() for p in self.model.parameters())
         t = self.cfg.task
-        log.info("%s: %s (%s, %.2fM params) on %s, numerics %s, %d steps/epoch x %d epochs, run dir %s",
-                 self.cfg.experiment_name, t.model, t.get("zoo", "auto"), n_params / 1e6, self.device,
+        if not self.ranks.main:
+            return
+        processes = f" x {self.ranks.world_size} processes" if self.ranks.distributed else ""
+        log.info("%s: %s (%s, %.2fM params) on %s%s, numerics %s, %d steps/epoch x %d epochs, run dir %s",
+                 self.cfg.experiment_name, t.model, t.get("zoo", "auto"), n_params / 1e6, self.device, processes,
                  self.numerics.name, self.steps_per_epoch, math.ceil(self.total_steps / self.steps_per_epoch),
                  self.run_dir)
 
@@ -213,8 +250,9 @@ class Loop:
         if skip == 0:
             seed_everything(epoch_seed(seed, epoch))  # mid-epoch, the checkpoint restored the RNGs
         order = epoch_order(len(self.splits.train), seed, epoch)[skip * batch_size: self.steps_per_epoch * batch_size]
-        loader = make_loader(self.splits.train, order, batch_size, int(tr.num_workers), self.device,
-                             epoch_seed(seed, epoch), drop_last=True)
+        order = distributed.rank_share(order, batch_size, self.ranks)
+        loader = make_loader(self.splits.train, order, distributed.per_rank_batch(batch_size, self.ranks),
+                             int(tr.num_workers), self.device, epoch_seed(seed, epoch), drop_last=True)
         for x, y in loader:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             lr = self.optimizer.param_groups[0]["lr"]
@@ -225,9 +263,10 @@ class Loop:
             if result is not None:
                 out, loss = result
                 if self.step % int(tr.log_every_n_steps) == 0 or self.step == self.total_steps:
+                    correct, count = distributed.sum_over_ranks([(out.argmax(1) == y).sum().item(), y.numel()],
+                                                                self.device)
                     self._log({"step": self.step, "epoch": epoch, "train/loss": loss, "lr": lr,
-                               "train/acc1": 100.0 * (out.argmax(1) == y).float().mean().item(),
-                               **self.guard.columns()})
+                               "train/acc1": 100.0 * correct / count, **self.guard.columns()})
                 bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", refresh=False)
             bar.update(1)
             if self.step >= self.total_steps:
@@ -235,9 +274,10 @@ class Loop:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Forward, backward and update; a non-finite loss (or, when skipping, gradient) stops here."""
-        out = self.model(x)
+        out = self.trained(x)
         loss = self.criterion(out, y)
-        loss_value = loss.item()
+        # The mean over processes: every rank sees the same value (and stops on the same step).
+        loss_value = distributed.sum_over_ranks([loss.item()], self.device)[0] / self.ranks.world_size
         self.guard.check_loss(loss_value, self.model)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -250,6 +290,8 @@ class Loop:
         return path if path.is_file() else None
 
     def _log(self, row: dict[str, Any]) -> None:
+        if self.metrics is None:
+            return
         row["time_s"] = round(self.elapsed0 + time.monotonic() - self.started, 3)
         self.metrics.write(row)
         if self.wandb_run:
@@ -258,16 +300,22 @@ class Loop:
     # --- validate -------------------------------------------------------------------------------------
     def validate(self, epoch: int) -> dict[str, Any]:
         tr = self.cfg.trainer
-        loader = make_loader(self.splits.val, list(range(len(self.splits.val))), int(tr.eval_batch_size),
-                             int(tr.num_workers), self.device, int(tr.seed), drop_last=False)
+        # Each process scores every world_size-th image in batches of eval_batch_size / world_size,
+        # so that limit_val_batches covers the same images as one process; the sums are added.
+        shard = list(range(self.ranks.rank, len(self.splits.val), self.ranks.world_size))
+        batch = max(1, int(tr.eval_batch_size) // self.ranks.world_size)
+        loader = make_loader(self.splits.val, shard, batch, int(tr.num_workers), self.device, int(tr.seed),
+                             drop_last=False)
         limit = int(tr.limit_val_batches) if tr.limit_val_batches is not None else None
+        reduce = (lambda sums: distributed.sum_over_ranks(sums, self.device)) if self.ranks.distributed else None
         with self.guard.validation(self.step):
-            metrics = evaluate(self.model, loader, self.device, self.splits.num_classes, limit)
+            metrics = evaluate(self.model, loader, self.device, self.splits.num_classes, limit, reduce)
         row = {"step": self.step, "epoch": epoch, **metrics}
         self._log(row)
         acc5 = f", acc5 {row['val/acc5']:.2f}%" if "val/acc5" in row else ""
-        log.info("epoch %d step %d: val loss %.4f, acc1 %.2f%%%s", epoch, self.step, row["val/loss"],
-                 row["val/acc1"], acc5)
+        if self.ranks.main:
+            log.info("epoch %d step %d: val loss %.4f, acc1 %.2f%%%s", epoch, self.step, row["val/loss"],
+                     row["val/acc1"], acc5)
         return row
 
     # --- save -----------------------------------------------------------------------------------------
@@ -280,7 +328,9 @@ class Loop:
             "epoch": epoch, "step": self.step, "batch_in_epoch": batch_in_epoch, "rng": rng_state(),
             "config": self.config, "elapsed_s": self.elapsed0 + time.monotonic() - self.started,
             "wandb_id": self.wandb_id, "nonfinite_skipped": self.guard.skipped,
+            "world_size": self.ranks.world_size,
         })
 
     def save(self, state: dict[str, Any]) -> None:
-        save_checkpoint(self.run_dir / LAST, state)
+        if self.ranks.main:
+            save_checkpoint(self.run_dir / LAST, state)

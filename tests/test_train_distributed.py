@@ -1,0 +1,64 @@
+"""train.py under torchrun: 2 CPU processes (gloo), DDP with the integer all-reduce."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import torch
+
+from conftest import ROOT, SMALL_RESNET, TINY
+
+STEPS = ["trainer.max_steps=4", "trainer.log_every_n_steps=1"]
+
+
+def torchrun(runs_dir, *overrides, processes=2):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "train.py", f"runs_dir={runs_dir}", *TINY, *SMALL_RESNET, *overrides]
+    env = {"INTRAIN_COMPILE": "0", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def metrics(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return [{k: v for k, v in row.items() if k != "time_s"} for row in csv.DictReader(f)]
+
+
+def test_two_processes_train_and_repeat_bit_identically(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        done = torchrun(tmp_path / name, "numerics=int8", *STEPS)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(tmp_path / name / "resnet18_digits" / "int8")
+    rows = metrics(runs[0])
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4", "4"] and rows[-1]["val/acc1"]
+    assert rows == metrics(runs[1])
+    weights = [torch.load(r / "last.ckpt", weights_only=False) for r in runs]
+    assert weights[0]["world_size"] == 2
+    for key, value in weights[0]["model"].items():
+        assert torch.equal(value, weights[1]["model"][key]), key
+    # Only rank 0 wrote: one log line of the run's header, one set of files.
+    assert (runs[0] / "train.log").read_text().count("x 2 processes") == 1
+    assert sorted(p.name for p in runs[0].iterdir()) == sorted(
+        ["config.yaml", "coverage.json", "coverage.txt", "last.ckpt", "metrics.csv", "run_info.yaml", "train.log"])
+
+
+def test_resume_needs_the_same_number_of_processes(tmp_path):
+    done = torchrun(tmp_path, "numerics=int8", *STEPS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "resnet18_digits" / "int8"
+    one = subprocess.run([sys.executable, "train.py", f"runs_dir={tmp_path}", *TINY, *SMALL_RESNET, "numerics=int8",
+                          "trainer.max_steps=6", "trainer.resume=true"], cwd=ROOT, capture_output=True, text=True,
+                         env={"INTRAIN_COMPILE": "0", "PATH": "/usr/bin:/bin"}, timeout=600)
+    assert one.returncode == 1
+    out = one.stdout + one.stderr
+    assert "trained by 2 process(es) and this run has 1" in out and "Traceback" not in out
+    resumed = torchrun(tmp_path, "numerics=int8", "trainer.max_steps=6", "trainer.resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["step"] for r in metrics(run_dir)] == ["1", "2", "3", "4", "4", "5", "6", "6"]
+
+
+def test_global_batch_must_divide_among_processes(tmp_path):
+    done = torchrun(tmp_path, "numerics=fp32", "trainer.batch_size=9", "trainer.max_steps=1")
+    assert done.returncode != 0
+    assert "trainer.batch_size=9 is the global batch and must divide evenly among the 2 processes" in done.stdout
