@@ -2,39 +2,73 @@
 
 Inductor turns each of them into one or two loops (C++ on a CPU, Triton on CUDA) from the same
 Python, which eager PyTorch runs as a dozen passes over the tensor. Compiled and eager code give
-the same bits (integer arithmetic, and float steps that are exact), so the choice is only speed:
-- ``INTRAIN_COMPILE=0`` runs everything eagerly (no compiler start-up: quick tests, debugging);
-- otherwise a tensor of at least ``MIN_COMPILED_NUMEL`` elements goes through the compiled
-  version. Shapes are dynamic, so a function compiles once per dtype and option set, and inductor's
-  on-disk cache makes a later process load it instead of compiling again.
+the same bits (integer arithmetic, and float steps that are exact), so the choice is only speed.
+
+Compiling one kernel costs seconds to tens of seconds (one-time; inductor's on-disk cache serves
+later processes), so by default a kernel is compiled only once it has earned it: each distinct
+kernel runs eagerly until its eager calls have taken as long as a compilation is expected to
+take, then it is compiled (the ski-rental rule: never more than twice the time of the better
+choice made in hindsight). A short run or a test compiles little or nothing; a long run compiles
+every kernel that matters within its first minutes. ``INTRAIN_COMPILE`` sets the mode:
+- ``auto`` (default): as above on a CPU; on CUDA, where eager calls return before the device has
+  finished and cannot be timed without waiting, at the first call;
+- ``1``: every kernel at its first call (benchmarks of the steady state);
+- ``0``: everything eagerly (no compiler start-up: quick tests, debugging).
+Tensors below ``MIN_COMPILED_NUMEL`` elements always run eagerly.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import time
 
 import torch
 
 # Below this many elements a kernel costs less than the call into compiled code.
 MIN_COMPILED_NUMEL = 1 << 14
 
-_enabled = os.environ.get("INTRAIN_COMPILE", "1") != "0"
+# The expected cost of compiling one kernel until one has been measured in this process: cold
+# compilations took 10-30 s each on a 2-core Xeon (2026-11-30), cached ones 1-3 s.
+EXPECTED_COMPILE_S = 15.0
+
+MODES = {"0": "never", "1": "always", "auto": "auto", "never": "never", "always": "always"}
+
+
+def _mode_from_environment() -> str:
+    value = os.environ.get("INTRAIN_COMPILE", "auto").strip().lower()
+    if value not in MODES:
+        raise ValueError(f"INTRAIN_COMPILE must be one of 0, 1, auto; got {value!r}")
+    return MODES[value]
+
+
+_mode = _mode_from_environment()
+_compile_seconds: list[float] = []  # measured compilations in this process
 
 
 @contextlib.contextmanager
-def compilation(on: bool):
-    """Turn the compiled kernels on or off within a block (tests compare both)."""
-    global _enabled
-    before, _enabled = _enabled, on
+def compilation(on: bool | str):
+    """Set the mode within a block: ``True``/``"always"``, ``False``/``"never"``, or ``"auto"``."""
+    global _mode
+    before = _mode
+    _mode = on if isinstance(on, str) else ("always" if on else "never")
+    if _mode not in MODES.values():
+        raise ValueError(f"compilation mode must be always, never or auto; got {on!r}")
     try:
         yield
     finally:
-        _enabled = before
+        _mode = before
 
 
-def _largest_numel(args) -> int:
-    return max((a.numel() for a in args if isinstance(a, torch.Tensor)), default=0)
+def expected_compile_seconds() -> float:
+    if not _compile_seconds:
+        return EXPECTED_COMPILE_S
+    return sum(_compile_seconds) / len(_compile_seconds)
+
+
+def _largest(args) -> torch.Tensor | None:
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    return max(tensors, key=torch.Tensor.numel, default=None)
 
 
 def _is_data(arg) -> bool:
@@ -45,16 +79,32 @@ def _is_data(arg) -> bool:
     return isinstance(arg, torch.Tensor)
 
 
+class _Kernel:
+    """One option set of a fused function: its eager time so far, and its compiled form."""
+
+    __slots__ = ("compiled", "eager_seconds")
+
+    def __init__(self):
+        self.compiled = None
+        self.eager_seconds = 0.0
+
+    def due(self, device: torch.device) -> bool:
+        if _mode == "always" or device.type != "cpu":
+            return True
+        return self.eager_seconds >= expected_compile_seconds()
+
+
 def fused(fn):
-    """``fn`` compiled (fullgraph, dynamic shapes) for large tensors, eager for small ones.
+    """``fn`` compiled (fullgraph, dynamic shapes) for large tensors once it is due (see the
+    module's docstring), eager otherwise.
 
     Non-tensor arguments (bit-widths, rounding modes, flags) are constants of the compiled
     kernel, one kernel per distinct set: inductor would otherwise treat them as symbolic
     integers, and it emits wrong C++ for some of those (``1 << (bits - 1)`` in 32 bits).
     Values that change from call to call (keys, coefficients) are passed as tensors.
-    Set ``min_numel`` on the returned function to move the size threshold (0: always compiled).
+    Set ``min_numel`` on the returned function to move the size threshold (0: always eligible).
     """
-    kernels: dict = {}
+    kernels: dict[tuple, _Kernel] = {}
 
     def specialised(options: tuple):
         def kernel(*data):
@@ -65,18 +115,37 @@ def fused(fn):
 
         return torch.compile(kernel, fullgraph=True, dynamic=True)
 
+    def run_compiled(entry: _Kernel, options: tuple, data: list):
+        first = entry.compiled is None
+        if first:
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            entry.compiled = specialised(options)
+        start = time.perf_counter()
+        with torch._dynamo.config.patch(specialize_int=True, specialize_float=True):
+            result = entry.compiled(*data)
+        if first:
+            _compile_seconds.append(time.perf_counter() - start)
+        return result
+
     @functools.wraps(fn)
     def call(*args):
-        if not _enabled or torch.compiler.is_compiling() or _largest_numel(args) < call.min_numel:
+        if _mode == "never" or torch.compiler.is_compiling():
+            return fn(*args)
+        largest = _largest(args)
+        if largest is None or largest.numel() < call.min_numel:
             return fn(*args)
         options = tuple((True, None) if _is_data(a) else (False, a) for a in args)
-        kernel = kernels.get(options)
-        if kernel is None:
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            kernel = kernels[options] = specialised(options)
-        with torch._dynamo.config.patch(specialize_int=True, specialize_float=True):
-            return kernel(*(a for a in args if _is_data(a)))
+        entry = kernels.get(options)
+        if entry is None:
+            entry = kernels[options] = _Kernel()
+        if entry.compiled is not None or entry.due(largest.device):
+            return run_compiled(entry, options, [a for a in args if _is_data(a)])
+        start = time.perf_counter()
+        result = fn(*args)
+        entry.eager_seconds += time.perf_counter() - start
+        return result
 
     call.eager = fn
     call.min_numel = MIN_COMPILED_NUMEL
+    call.kernels = kernels
     return call

@@ -105,7 +105,7 @@ def rounded_mantissas(xf: torch.Tensor, exponent: torch.Tensor, rounding: str, k
 
 
 @fused
-def _map(x: torch.Tensor, bits: int, rounding: str, key: int):
+def map_kernel(x: torch.Tensor, bits: int, rounding: str, key: int):
     """The mapping in one pass for the maximum and one for the mantissas."""
     xf = x.to(torch.float32)
     exponent, finite = shared_exponent(xf, bits)
@@ -134,7 +134,7 @@ def map_deferred(x: torch.Tensor, bits: int, rounding: str, key: int) -> tuple[F
     if x.numel() == 0:
         zero = torch.zeros((), dtype=torch.int64, device=x.device)
         return FixedPoint(torch.zeros(x.shape, dtype=dtype, device=x.device), zero, bits, zero), zero == 0
-    m, exponent, clamped, finite = _map(x.detach(), bits, rounding, as_key(key))
+    m, exponent, clamped, finite = map_kernel(x.detach(), bits, rounding, as_key(key))
     return FixedPoint(m, exponent, bits, clamped), finite
 
 
@@ -148,7 +148,7 @@ def from_fixed(acc: torch.Tensor, exponent) -> torch.Tensor:
 
 
 @fused
-def _map_at(x: torch.Tensor, exponent: torch.Tensor, limit: int, rounding: str, key: int):
+def map_at_kernel(x: torch.Tensor, exponent: torch.Tensor, limit: int, rounding: str, key: int):
     xf = x.to(torch.float32)
     m = round_float(scale_by_pow2(xf, -exponent), rounding, key).to(torch.int64)
     clamped = (m.abs() > limit).sum()
@@ -169,12 +169,12 @@ def map_at_deferred(x: torch.Tensor, exponent: torch.Tensor, limit: int, roundin
                     key: int) -> tuple[FixedPoint, torch.Tensor]:
     """``to_fixed_at`` without waiting for the device, as ``map_deferred``."""
     check_rounding(rounding)
-    m, clamped, finite = _map_at(x.detach(), exponent, limit, rounding, as_key(key))
+    m, clamped, finite = map_at_kernel(x.detach(), exponent, limit, rounding, as_key(key))
     return FixedPoint(m, exponent, limit.bit_length() + 1, clamped), finite
 
 
 @fused
-def _requantize(m: torch.Tensor, exponent: torch.Tensor, bits: int, rounding: str, key: int):
+def requantize_kernel(m: torch.Tensor, exponent: torch.Tensor, bits: int, rounding: str, key: int):
     m = m.to(torch.int64)
     top = bit_length(m.abs().amax())
     shift = torch.where(top > 0, top - (bits - 1), 0)
@@ -186,7 +186,7 @@ def requantize(mantissa: torch.Tensor, exponent: torch.Tensor, bits: int, roundi
                key: int = 0) -> FixedPoint:
     """Narrow a wide fixed-point tensor to ``bits`` with integer shifts only (section 1's
     exponent: the largest magnitude lands in ``[2**(b-2), 2**(b-1))``)."""
-    m, e, clamped = _requantize(mantissa, exponent, bits, rounding, as_key(key))
+    m, e, clamped = requantize_kernel(mantissa, exponent, bits, rounding, as_key(key))
     return FixedPoint(m, e, bits, clamped)
 
 

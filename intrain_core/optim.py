@@ -13,8 +13,8 @@ from collections.abc import Mapping
 import torch
 
 from .compiled import fused
-from .fixed_point import (FixedPoint, NonFiniteError, _map, _requantize, add_fixed, fixed_constant, from_fixed,
-                          map_deferred, nonfinite_message)
+from .fixed_point import (FixedPoint, NonFiniteError, add_fixed, fixed_constant, from_fixed,
+                          map_deferred, map_kernel, nonfinite_message, requantize_kernel)
 from .numerics import Numerics
 from .ops.weights import attach_master, contexts_of
 from .rounding import RoundingStream
@@ -36,7 +36,7 @@ STREAM_SEED_OFFSET = 0x5DEECE66D
 def _normalised_sum(a, ea, b, eb, bits: int, rounding: str, key):
     """``a 2**ea + b 2**eb`` re-normalised to ``bits``: one rounding of the stored result."""
     total, grid = add_fixed(a, ea, b, eb)
-    m, e, _ = _requantize(total, grid, bits, rounding, key)
+    m, e, _ = requantize_kernel(total, grid, bits, rounding, key)
     return m.to(torch.int64), e
 
 
@@ -51,7 +51,7 @@ def _update(grad, w, w_exp, buf, buf_exp, coefficients, flags, bits: int, roundi
     g = grad.to(torch.float32)
     if maximize:
         g = -g
-    d, d_exp, _, _ = _map.eager(g, bits, rounding, keys[0])
+    d, d_exp, _, _ = map_kernel.eager(g, bits, rounding, keys[0])
     d = d.to(torch.int64)
     if has_wd:
         d, d_exp = _normalised_sum(d, d_exp, w * wd[0], w_exp + wd[1], bits, rounding, keys[1])

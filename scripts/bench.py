@@ -6,7 +6,8 @@ Each (model, numerics) pair runs in its own subprocess so that peak memory is it
 the peak resident set size above the process's size before the first step; on CUDA
 ``torch.cuda.max_memory_allocated``. The step is a full training step: forward, cross-entropy,
 backward and the optimiser (torch SGD for fp32 and bf16, IntSGD for int8). Reported time: the
-median of ``--steps`` steps after two warm-up steps (the first compiles the fused kernels).
+median of ``--steps`` steps after two warm-up steps (the first compiles every fused kernel:
+``INTRAIN_COMPILE=1``, the steady state of a long run).
 
 Per model, one JSON object (``--json``: each as it is measured, then all of them on the last
 line, keyed by model name):
@@ -135,7 +136,8 @@ def _kernels(device: str) -> dict:
 def run_isolated(model_name: str, numerics_name: str, steps: int, device: str) -> dict | None:
     out = subprocess.run(
         [sys.executable, __file__, "--one", model_name, numerics_name, "--steps", str(steps), "--device", device],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        # Every fused kernel compiled at its first call: the steady state of a long run.
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "INTRAIN_COMPILE": "1"},
     )
     if out.returncode != 0:
         if numerics_name == "bf16":  # not every device runs bfloat16 autocast

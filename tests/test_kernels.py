@@ -130,6 +130,28 @@ def test_intsgd_update_same_bits():
     assert same_bits(eager, compiled)
 
 
+def test_auto_mode_compiles_a_kernel_once_its_eager_time_pays_for_it(monkeypatch):
+    """``auto``: eager while the kernel's eager seconds are below one expected compilation,
+    compiled from the call after they reach it, with the same bits."""
+    from intrain_core import compiled
+    from intrain_core.fixed_point import map_kernel
+
+    x, key = data(8), torch.tensor(stream_key(2, 1))
+    options = ((True, None), (False, 8), (False, "stochastic"), (True, None))
+    monkeypatch.setattr(compiled, "EXPECTED_COMPILE_S", 3600.0)
+    monkeypatch.setattr(compiled, "_compile_seconds", [])
+    monkeypatch.setitem(map_kernel.kernels, options, compiled._Kernel())
+    with compilation("auto"):
+        first = map_kernel(x, 8, "stochastic", key)
+        entry = map_kernel.kernels[options]
+        assert entry.compiled is None and 0 < entry.eager_seconds < 3600
+        entry.eager_seconds = 3600.0  # as if an hour had been spent in it
+        second = map_kernel(x, 8, "stochastic", key)
+    assert entry.compiled is not None and len(compiled._compile_seconds) == 1
+    assert compiled.expected_compile_seconds() == compiled._compile_seconds[0]
+    assert same_bits(first, second)
+
+
 def test_random_bits_depend_on_key_and_index_only():
     key = stream_key(11, 5)
     r = random_bits((1000,), key, "cpu")
