@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .collective import agree_exponents, rank_key
+from .compiled import fused
 from .convert import context_of
 from .fixed_point import from_fixed, map_at_deferred, qmax
 from .numerics import Numerics
@@ -49,6 +50,16 @@ def accumulator_dtype(bits: int, world_size: int) -> torch.dtype:
     no sum of two 8-bit mantissas.
     """
     return torch.int32 if world_size * qmax(bits) <= INT32_MAX else torch.int64
+
+
+@fused
+def _mean(total: torch.Tensor, exponents: torch.Tensor, finite: torch.Tensor, world: int) -> torch.Tensor:
+    """The sum of N ranks' mantissas divided by N, NaN where a rank's gradient was not finite."""
+    if world & (world - 1) == 0:  # a power of two divides exactly, in the exponent
+        result = from_fixed(total, exponents - (world.bit_length() - 1))
+    else:  # one correctly rounded float32 division of an exact sum (exact sum while |sum| < 2**24)
+        result = from_fixed(total, exponents) / world
+    return torch.where(finite, result, torch.full_like(result, float("nan")))
 
 
 class IntegerAllreduce:
@@ -84,16 +95,7 @@ class IntegerAllreduce:
                                      flat.numel() * 4)
         world = self.world_size
         work = dist.all_reduce(mantissas, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
-
-        def mean(fut) -> torch.Tensor:
-            total = fut.value()[0]
-            if world & (world - 1) == 0:  # a power of two divides exactly, in the exponent
-                result = from_fixed(total, per_element - (world.bit_length() - 1))
-            else:  # one correctly rounded float32 division of an exact sum (exact sum while |sum| < 2**24)
-                result = from_fixed(total, per_element) / world
-            return torch.where(finite, result, torch.full_like(result, float("nan")))
-
-        return work.get_future().then(mean)
+        return work.get_future().then(lambda fut: _mean(fut.value()[0], per_element, finite, world))
 
 
 def _hook(state, bucket):  # no annotations: DDP compares them with dist.GradBucket, not strings
