@@ -2,9 +2,9 @@
 
 Master weights and momentum buffers are wide integer mantissas (``numerics.master_bits``) with
 one exponent per tensor. The coefficients become fixed-point constants each step; each parameter
-is updated by one fused kernel: the gradient mapped to ``master_bits``, integer products in
-int64, sums aligned on a 62-bit grid, and every stored result (momentum, master) re-normalised
-to ``master_bits`` with one rounding.
+is updated by one fused kernel: the gradient on a 62-bit grid, integer products in int64, sums
+aligned on a 62-bit grid, and each stored result (momentum, master) re-normalised to
+``master_bits`` with one rounding of the run's kind: two random draws per element and step.
 """
 from __future__ import annotations
 
@@ -32,40 +32,53 @@ def coefficient_bits(master_bits: int) -> int:
 # The optimiser's random stream is offset from the model's, which starts at the same seed.
 STREAM_SEED_OFFSET = 0x5DEECE66D
 
+# The gradient enters on a 62-bit grid: exact for every element within 37 binades of its
+# largest (float32 has 24 significant bits); smaller ones round to nearest, as in an alignment.
+WIDE_BITS = 62
 
-def _normalised_sum(a, ea, b, eb, bits: int, rounding: str, key):
-    """``a 2**ea + b 2**eb`` re-normalised to ``bits``: one rounding of the stored result."""
-    total, grid = add_fixed(a, ea, b, eb)
-    m, e, _ = requantize_kernel(total, grid, bits, rounding, key)
-    return m.to(torch.int64), e
+
+def _narrow(m, e, bits: int, rounding: str, key):
+    """``m 2**e`` re-normalised to ``bits`` (section 1's exponent)."""
+    narrowed, exponent, _ = requantize_kernel.eager(m, e, bits, rounding, key)
+    return narrowed.to(torch.int64), exponent
 
 
 @fused
 def _update(grad, w, w_exp, buf, buf_exp, coefficients, flags, bits: int, rounding: str, keys):
     """One parameter's step, flattened: returns (master, exponent, momentum, exponent, value).
 
+    Intermediates stay on the 62-bit grid (alignments round to nearest); a term narrows to
+    ``bits``, to nearest, only where it is multiplied by a coefficient. The two stored results,
+    momentum and master, are each rounded once, with the run's rounding.
+
     ``coefficients``: fixed-point (mantissa, exponent) of -lr, momentum, 1 - dampening and
-    weight decay; ``flags``: (weight decay, momentum, first step, nesterov, maximize)."""
+    weight decay; ``flags``: (weight decay, momentum, first step, nesterov, maximize, dampening)."""
     lr, mu, keep, wd = coefficients
-    has_wd, has_momentum, first, nesterov, maximize = flags
+    has_wd, has_momentum, first, nesterov, maximize, damped = flags
     g = grad.to(torch.float32)
     if maximize:
         g = -g
-    d, d_exp, _, _ = map_kernel.eager(g, bits, rounding, keys[0])
+    d, d_exp, _, _ = map_kernel.eager(g, WIDE_BITS, "nearest", keys[0])
     d = d.to(torch.int64)
     if has_wd:
-        d, d_exp = _normalised_sum(d, d_exp, w * wd[0], w_exp + wd[1], bits, rounding, keys[1])
+        d, d_exp = add_fixed(d, d_exp, w * wd[0], w_exp + wd[1])
     if has_momentum:
-        if first:
-            buf, buf_exp = d, d_exp
+        if first:  # torch: the buffer starts as the gradient itself, undamped
+            buf, buf_exp = _narrow(d, d_exp, bits, rounding, keys[0])
         else:
-            buf, buf_exp = _normalised_sum(buf * mu[0], buf_exp + mu[1], d * keep[0], d_exp + keep[1], bits,
-                                           rounding, keys[2])
+            term, term_exp = d, d_exp
+            if damped:
+                term, term_exp = _narrow(d, d_exp, bits, "nearest", keys[0])
+                term, term_exp = term * keep[0], term_exp + keep[1]
+            total, grid = add_fixed(buf * mu[0], buf_exp + mu[1], term, term_exp)
+            buf, buf_exp = _narrow(total, grid, bits, rounding, keys[0])
         if nesterov:
-            d, d_exp = _normalised_sum(d, d_exp, buf * mu[0], buf_exp + mu[1], bits, rounding, keys[3])
+            d, d_exp = add_fixed(d, d_exp, buf * mu[0], buf_exp + mu[1])
         else:
             d, d_exp = buf, buf_exp
-    w, w_exp = _normalised_sum(w, w_exp, d * lr[0], d_exp + lr[1], bits, rounding, keys[4])
+    step, step_exp = _narrow(d, d_exp, bits, "nearest", keys[1])
+    total, grid = add_fixed(w, w_exp, step * lr[0], step_exp + lr[1])
+    w, w_exp = _narrow(total, grid, bits, rounding, keys[1])
     return w, w_exp, buf, buf_exp, from_fixed(w, w_exp)
 
 
@@ -139,8 +152,9 @@ class IntSGD(torch.optim.Optimizer):
                 first = "momentum" not in state
                 buf = state.get("momentum", w)
                 buf_exp = state.get("momentum_exponent", w_exp)
-                flags = (constants[3][0] != 0, constants[1][0] != 0, first, group["nesterov"], group["maximize"])
-                keys = tuple(self.stream.next_key() for _ in range(5))
+                flags = (constants[3][0] != 0, constants[1][0] != 0, first, group["nesterov"], group["maximize"],
+                         group["dampening"] != 0)
+                keys = (self.stream.next_key(), self.stream.next_key())
                 w, w_exp, buf, buf_exp, value = _update(p.grad.reshape(-1), w.reshape(-1), w_exp, buf.reshape(-1),
                                                         buf_exp, coefficients, flags, bits, rounding, keys)
                 if flags[1]:

@@ -42,9 +42,9 @@ def run_pair(options, master_bits=32, groups=False, scheduler=None, steps=STEPS)
     mu = options.get("momentum", 0.0)
     # Worst case per step, in units u(x) = max|x| * 2**-(bits - 2) of the master (its largest
     # magnitude lands in [2**(bits-2), 2**(bits-1))): the weight's alignment and
-    # re-normalisation, one unit each; the gradient mapping, the weight-decay sum, the momentum
-    # sum and the nesterov sum, one unit each of a quantity of size at most
-    # max(|g| + wd|w|) / (1 - mu), entering the weight times the learning rate.
+    # re-normalisation, one unit each; the momentum's re-normalisation and the narrowings before
+    # the dampening and learning-rate products (at most four), one unit each of a quantity of
+    # size at most max(|g| + wd|w|) / (1 - mu), entering the weight times the learning rate.
     # The coefficients carry a relative error of 2**-cbits each; lr, momentum and weight decay
     # (or 1 - dampening) enter the update once each. The errors add up at worst linearly.
     unit = 2.0 ** -(master_bits - 2)
