@@ -19,7 +19,10 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+import torch
+
 from tasks.checkpoint import CheckpointError
+from tasks.common import distributed
 from tasks.common.errors import ConfigError
 from tasks.common.run_dir import open_run_dir, prepare_run_dir, write_run_info
 from tasks.run_logging import write_yaml
@@ -115,7 +118,10 @@ def build_mm_config(cfg: DictConfig, run_dir: Path, family: Family, resume_step:
     mm.randomness = dict(seed=int(tr.seed), deterministic=bool(tr.deterministic) and _cuda(tr))
     mm.env_cfg = ConfigDict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
                             dist_cfg=dict(backend="nccl"))
-    mm.launcher = "none"
+    ranks = distributed.launched()
+    mm.launcher = "pytorch" if ranks.distributed else "none"
+    if ranks.distributed:
+        _set_distributed(mm, cfg, ranks)
     # A resume reads <run dir>/last_checkpoint; pretrained weights only start a new run.
     mm.load_from = str(Path(t.checkpoint).expanduser()) if t.get("checkpoint") and not tr.resume else None
     mm.resume = bool(tr.resume)
@@ -123,6 +129,19 @@ def build_mm_config(cfg: DictConfig, run_dir: Path, family: Family, resume_step:
     if t.get("mm_options"):  # any other key of the mm config, dotted: {model.neck.out_channels: 128}
         mm.merge_from_dict(OmegaConf.to_container(t.mm_options, resolve=True))
     return mm
+
+
+def _set_distributed(mm, cfg: DictConfig, ranks: distributed.Ranks) -> None:
+    """torchrun: mmengine's DDP wrapper on every process, ``trainer.batch_size`` the global batch.
+    The process group is ours (tasks/common/distributed.py), so mmengine does not start one."""
+    from mmengine.config import ConfigDict
+
+    mm.train_dataloader.batch_size = distributed.per_rank_batch(int(cfg.trainer.batch_size), ranks)
+    if not _cuda(cfg.trainer):
+        # DDP refuses SyncBatchNorm and device_ids on CPU modules: batch statistics per process.
+        walk(mm.model, lambda d: d.update(type="BN") if d.get("type") == "SyncBN" else None)
+        mm.model_wrapper_cfg = ConfigDict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False,
+                                          find_unused_parameters=bool(mm.get("find_unused_parameters", False)))
 
 
 def _set_model(mm, cfg: DictConfig, family: Family) -> None:
@@ -294,25 +313,43 @@ def run(cfg: DictConfig, run_dir: str | Path, family: Family) -> dict[str, Any]:
     """Train (and validate) ``cfg.task`` on ``cfg.dataset`` with mmengine; return the last metrics."""
     require_openmmlab(str(cfg.task.name), family.package)
     import tasks.openmmlab_hooks  # noqa: F401  (registers IntSGD, the hooks and the atomic backend)
-    from mmengine.runner import Runner
 
     run_dir = Path(run_dir)
     tr = cfg.trainer
+    ranks, _ = distributed.start(tr.device)  # torchrun: every process, gloo on CPU and NCCL on CUDA
+    try:
+        return _run(cfg, run_dir, family, ranks)
+    finally:
+        distributed.stop()
+
+
+def _run(cfg: DictConfig, run_dir: Path, family: Family, ranks: distributed.Ranks) -> dict[str, Any]:
+    from mmengine.runner import Runner
+
+    tr = cfg.trainer
+    # Every process checks (they see the same files); only rank 0 writes, after all have checked.
     prepare_run_dir(run_dir, bool(tr.resume), checkpoint_name=MM_LAST)
     resume_step = _resume_step(run_dir) if tr.resume else None
     mm = build_mm_config(cfg, run_dir, family, resume_step)
-    with open_run_dir(run_dir, new_run=resume_step is None, checkpoint_name=MM_LAST, outputs=("mm_config.py",)):
-        if resume_step is None:
+    if ranks.distributed:
+        torch.distributed.barrier()
+    writes = (open_run_dir(run_dir, new_run=resume_step is None, checkpoint_name=MM_LAST, outputs=("mm_config.py",))
+              if ranks.main else contextlib.nullcontext())
+    with writes:
+        if ranks.main and resume_step is None:
             write_yaml(run_dir / "config.yaml", OmegaConf.to_container(cfg, resolve=True))
             mm.dump(str(run_dir / "mm_config.py"))
-        write_run_info(run_dir, _device(tr), resume_step, {"experiment_name": cfg.experiment_name,
-                                                           "run_name": cfg.run_name, "mm_config": str(cfg.task.mm_config)})
+        if ranks.main:
+            write_run_info(run_dir, _device(tr), resume_step, {"experiment_name": cfg.experiment_name,
+                                                               "run_name": cfg.run_name, "world_size": ranks.world_size,
+                                                               "mm_config": str(cfg.task.mm_config)})
         log.info("%s: %s on %s, numerics %s, run dir %s", cfg.experiment_name, cfg.task.mm_config, cfg.dataset.name,
                  cfg.numerics.name, run_dir)
         runner = Runner.from_cfg(mm)
         with _full_unpickling(resume_step is not None):
             runner.train()
-        return {**_last_metrics(run_dir), "step": runner.iter, "run_dir": str(run_dir)}
+        metrics = _last_metrics(run_dir) if ranks.main else {}  # rank 0 writes metrics.csv
+        return {**metrics, "step": runner.iter, "run_dir": str(run_dir)}
 
 
 @contextlib.contextmanager

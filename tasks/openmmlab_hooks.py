@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mmengine.dist import is_main_process
 from mmengine.fileio.backends import LocalBackend, register_backend
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS, OPTIMIZERS
 from mmengine.runner import EpochBasedTrainLoop
 
 from intrain_core import Numerics, context_of, convert, coverage
+from intrain_core.distributed import register_integer_allreduce, uses_integer_allreduce
 from intrain_core.optim import IntSGD
 from tasks.checkpoint import rng_state, set_rng_state
 from tasks.run_logging import MetricsCSV, WandbRun
@@ -102,6 +104,9 @@ class IntegerNumericsHook(Hook):
         # (task.checkpoint) leave this run's own, seeded by numerics.seed.
         self.restore_context = restore_context
         self._resumed_context: dict | None = None
+        # Decided before any process writes: every process runs the coverage step (it moves the
+        # rounding stream, which must move alike on all; a SyncBatchNorm in it synchronises).
+        self._coverage = not (self.run_dir / "coverage.json").exists()
 
     def _convert(self, runner) -> None:
         model = _model_of(runner)
@@ -114,10 +119,12 @@ class IntegerNumericsHook(Hook):
                 module.register_forward_hook(functools.partial(_record_compiled_op, ctx, name))
         if self._resumed_context is not None:
             ctx.load_state_dict(self._resumed_context)
+        if isinstance(runner.model, torch.nn.parallel.DistributedDataParallel) and uses_integer_allreduce(self.numerics):
+            register_integer_allreduce(runner.model)
 
     def before_train(self, runner) -> None:
         self._convert(runner)
-        if self._resumed_context is None and not (self.run_dir / "coverage.json").exists():
+        if self._resumed_context is None and self._coverage:
             self._write_coverage(runner)
 
     def before_val(self, runner) -> None:
@@ -159,6 +166,8 @@ class IntegerNumericsHook(Hook):
         optimizer.load_state_dict(saved[1])
         ctx.load_state_dict(saved[2])
         set_rng_state(saved[3])
+        if not is_main_process():
+            return
         (self.run_dir / "coverage.txt").write_text(report.table() + "\n")
         (self.run_dir / "coverage.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         log.info("integer MAC share %.4f%% (coverage report: %s)", 100 * report.integer_mac_share,
@@ -194,6 +203,8 @@ class RunLogHook(Hook):
         self._mark: tuple[int, float] = (0, self.start)  # (iteration, time) of the last progress line
 
     def before_run(self, runner) -> None:
+        if not is_main_process():  # only rank 0 writes the run directory
+            return
         self.csv = MetricsCSV(self.run_dir / "metrics.csv", resume_step=self.resume_step, columns=self.columns)
         if self.wandb_cfg:
             id_file = self.run_dir / "wandb_id.txt"
@@ -251,6 +262,8 @@ class RunLogHook(Hook):
         log.info("step %d: %s", runner.iter, ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("val/")))
 
     def _write(self, row: dict[str, Any]) -> None:
+        if self.csv is None:
+            return
         row["time_s"] = round(time.monotonic() - self.start, 3)
         self.csv.write(row)
         if self.wandb_run is not None:

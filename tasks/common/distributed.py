@@ -45,7 +45,8 @@ def _from_slurm() -> None:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
-def _launched() -> Ranks:
+def launched() -> Ranks:
+    """The ranks torchrun (or a Slurm job of several tasks) gave this process; one process otherwise."""
     _from_slurm()
     env = os.environ
     return Ranks(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
@@ -53,7 +54,7 @@ def _launched() -> Ranks:
 
 def start(device_name: str) -> tuple[Ranks, torch.device]:
     """This process's ranks and device; joins the process group when torchrun started several."""
-    ranks = _launched()
+    ranks = launched()
     if not ranks.distributed:
         return ranks, resolve_device(device_name)
     name = str(device_name)
