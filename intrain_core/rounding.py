@@ -19,13 +19,21 @@ _MASK32 = 0xFFFFFFFF
 def _mix32(h):
     """A bijection on 32-bit values with full avalanche (Wellons' "lowbias32" constants).
 
-    Works on Python ints and on int64 tensors (values kept in [0, 2**32): every product of a
-    32-bit value and a 31-bit constant fits in int64)."""
+    Works on Python ints and on int64 tensors (values kept in [0, 2**32): a product that passes
+    2**63 wraps modulo 2**64, which leaves the low 32 bits, all that is kept, exact)."""
     h = h ^ (h >> 16)
     h = (h * 0x7FEB352D) & _MASK32
     h = h ^ (h >> 15)
     h = (h * 0x846CA68B) & _MASK32
     return h ^ (h >> 16)
+
+
+def _mix32_(h: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """``_mix32`` in place on an int64 tensor (eager PyTorch would allocate a tensor per step)."""
+    for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        h.bitwise_xor_(torch.bitwise_right_shift(h, shift, out=scratch))
+        h.mul_(multiplier).bitwise_and_(_MASK32)
+    return h.bitwise_xor_(torch.bitwise_right_shift(h, 16, out=scratch))
 
 
 def stream_key(seed: int, counter: int) -> int:
@@ -48,10 +56,15 @@ def random_bits(shape, key, device) -> torch.Tensor:
     numel = 1
     for size in shape:
         numel *= size
-    index = torch.arange(numel, dtype=torch.int64, device=device).view(shape)
+    index = torch.arange(numel, dtype=torch.int64, device=device)
     key = as_key(key)
     low, high = key & _MASK32, (key >> 32) & _MASK32
-    return _mix32(_mix32(index ^ low) ^ high) >> (32 - RANDOM_BITS)
+    if torch.compiler.is_compiling():
+        h = _mix32(_mix32(index ^ low) ^ high)
+    else:
+        scratch = torch.empty_like(index)
+        h = _mix32_(_mix32_(index.bitwise_xor_(low), scratch).bitwise_xor_(high), scratch)
+    return (h >> (32 - RANDOM_BITS)).view(shape)
 
 
 def check_rounding(rounding: str) -> None:
