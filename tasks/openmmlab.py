@@ -318,7 +318,8 @@ def run(cfg: DictConfig, run_dir: str | Path, family: Family) -> dict[str, Any]:
     tr = cfg.trainer
     ranks, _ = distributed.start(tr.device)  # torchrun: every process, gloo on CPU and NCCL on CUDA
     try:
-        return _run(cfg, run_dir, family, ranks)
+        with distributed.peers_watched(ranks):
+            return _run(cfg, run_dir, family, ranks)
     finally:
         distributed.stop()
 

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import csv
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -62,3 +65,39 @@ def test_global_batch_must_divide_among_processes(tmp_path):
     done = torchrun(tmp_path, "numerics=fp32", "trainer.batch_size=9", "trainer.max_steps=1")
     assert done.returncode != 0
     assert "trainer.batch_size=9 is the global batch and must divide evenly among the 2 processes" in done.stdout
+
+
+def test_a_killed_process_ends_the_run_in_one_line_and_resume_continues_it(tmp_path):
+    overrides = ["numerics=int8", "trainer.max_steps=400", "trainer.limit_train_batches=2"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+               f"runs_dir={tmp_path}", *TINY, *SMALL_RESNET, *overrides]
+    env = {"INTRAIN_COMPILE": "0", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    run = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = tmp_path / "resnet18_digits" / "int8"
+    deadline = time.monotonic() + 300
+    while not (run_dir / "last.ckpt").is_file() and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(1)
+    assert (run_dir / "last.ckpt").is_file()
+    rank1 = [p for p in os.listdir("/proc") if p.isdigit() and _is_rank(int(p), 1, str(tmp_path))]
+    assert len(rank1) == 1
+    os.kill(int(rank1[0]), signal.SIGKILL)
+    output, _ = run.communicate(timeout=300)
+    assert run.returncode != 0
+    assert "Error: process 0 of 2 lost another process of this run" in output
+    step = torch.load(run_dir / "last.ckpt", weights_only=False)["step"]
+    resumed = torchrun(tmp_path, "numerics=int8", f"trainer.max_steps={step + 2}", "trainer.limit_train_batches=2",
+                       "trainer.resume=true")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert metrics(run_dir)[-1]["step"] == str(step + 2)
+
+
+def _is_rank(pid: int, rank: int, marker: str) -> bool:
+    """Whether ``pid`` is the train.py process of ``rank`` in the run whose command holds ``marker``."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            command = f.read()
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environment = f.read().split(b"\0")
+    except OSError:
+        return False
+    return marker.encode() in command and b"train.py" in command and f"RANK={rank}".encode() in environment

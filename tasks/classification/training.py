@@ -53,7 +53,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     ranks, device = distributed.start(cfg.trainer.device)
     try:
-        return _run(cfg, run_dir, ranks, device)
+        with distributed.peers_watched(ranks):
+            return _run(cfg, run_dir, ranks, device)
     finally:
         distributed.stop()
 
@@ -163,8 +164,9 @@ class Loop:
         self.step, self.elapsed0 = int(checkpoint["step"]), float(checkpoint.get("elapsed_s", 0.0))
         self.wandb_id = checkpoint.get("wandb_id")
         self.guard.skipped = int(checkpoint.get("nonfinite_skipped", 0))
-        log.info("resuming %s from step %d (epoch %d, batch %d)", path, self.step, checkpoint["epoch"],
-                 checkpoint["batch_in_epoch"])
+        if self.ranks.main:
+            log.info("resuming %s from step %d (epoch %d, batch %d)", path, self.step, checkpoint["epoch"],
+                     checkpoint["batch_in_epoch"])
 
     # --- the whole run --------------------------------------------------------------------------------
     def run(self, checkpoint: dict | None) -> dict[str, Any]:

@@ -9,14 +9,38 @@ coverage), which multi-node runs must therefore have on a shared file system to 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
 from tasks.common.device import resolve_device
 from tasks.common.errors import ConfigError
+
+
+class PeerLost(RuntimeError):
+    """Another process of a data-parallel run ended: this one cannot go on alone."""
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because a peer process went away."""
+    return isinstance(exc, dist.DistBackendError) or "by peer" in str(exc) or "Connection closed" in str(exc)
+
+
+@contextlib.contextmanager
+def peers_watched(ranks: "Ranks") -> Iterator[None]:
+    """Turn a collective's failure after a peer ended into one line saying how to continue."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not ranks.distributed or isinstance(exc, PeerLost) or not lost_peer(exc):
+            raise
+        raise PeerLost(f"process {ranks.rank} of {ranks.world_size} lost another process of this run (it ended or "
+                       "was killed; torchrun names it); continue from the last checkpoint with the same command "
+                       "and trainer.resume=true") from exc
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ class DivergedError(RuntimeError):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from tasks.checkpoint import CheckpointError
+    from tasks.common.distributed import PeerLost
     from tasks.common.run_dir import RunDirError
     from tasks.datasets import DatasetError
 
-    return (ConfigError, DivergedError, CheckpointError, RunDirError, DatasetError)
+    return (ConfigError, DivergedError, CheckpointError, RunDirError, DatasetError, PeerLost)
