@@ -3,8 +3,8 @@
     python scripts/bench.py [--json] [--steps N] [--device cpu|cuda] [--models resnet18_cifar,...]
 
 Each (model, numerics) pair runs in its own subprocess so that peak memory is its own: on CPU
-the peak resident set size above the process's size before the first step; on CUDA
-``torch.cuda.max_memory_allocated``. The step is a full training step: forward, cross-entropy,
+the peak resident set size of the timed steps above the size before them (Linux), on CUDA
+``torch.cuda.max_memory_allocated`` of the timed steps; the warm-up's compiler memory is left out. The step is a full training step: forward, cross-entropy,
 backward and the optimiser (torch SGD for fp32 and bf16, IntSGD for int8). Reported time: the
 median of ``--steps`` steps after two warm-up steps (the first compiles every fused kernel:
 ``INTRAIN_COMPILE=1``, the steady state of a long run).
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -96,14 +95,14 @@ def measure(model_name: str, numerics_name: str, steps: int, device: str) -> dic
         forward_backward()
         optimizer.step()
 
-    rss_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     for _ in range(2):  # allocators, kernel choice, compilation
         _timed(step, device)
+    # The steps' own peak: the compiler's memory during the warm-up is not the training's.
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    before = _reset_peak_rss()
     times = [_timed(step, device) for _ in range(steps)]
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before_kib) * 1024)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss() - before
     result = {"step_s": statistics.median(times), "peak_bytes": peak}
     if numerics_name == "int8":
         forward_backward()
@@ -114,6 +113,24 @@ def measure(model_name: str, numerics_name: str, steps: int, device: str) -> dic
         result["non_gemm_share"] = _non_gemm_share(step)
         result["kernels"] = _kernels(device)
     return result
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> int:
+    """Reset the process's peak resident set size (Linux: clear_refs 5); return the bytes
+    resident now."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def _peak_rss() -> int:
+    return _status_kib("VmHWM") * 1024
 
 
 def _non_gemm_share(step) -> float:
