@@ -77,7 +77,7 @@ def test_sync_norm_with_nearest_rounding_is_the_whole_batch_norm_bit_for_bit(wor
         assert r["share"] == 1.0
 
 
-def test_sync_norm_with_stochastic_rounding_is_within_the_mapping_bound():
+def test_sync_norm_with_stochastic_rounding_is_within_the_mapping_bounds_forward_and_backward():
     ranks = run_ranks(_rank_step, 2, "int8")
     single = _single(2, "int8")
     x, _ = _batch(2)
@@ -98,5 +98,23 @@ def test_sync_norm_with_stochastic_rounding_is_within_the_mapping_bound():
     gamma = _model(torch.nn.BatchNorm2d, "fp32")[0].weight.detach().double().view(1, -1, 1, 1).abs() * (1 + 2.0**-6)
     bound = gamma * (2 * u * (1 + xhat) / low + 2.0**-15 + 2.0**-29 * xhat) + 2.0**-23 * (y.abs() + single["y"].abs())
     assert bool(((y - single["y"].double()).abs() <= bound).all())
+    # Backward: dx = gamma / sigma (g - mean g - xhat mean(g xhat)) over the channel's n values.
+    # The mapped gradients of the two runs are each within one step v of the upstream G (one
+    # shared exponent in both), so they differ by at most v per element and v in the mean; xhat
+    # differs by delta (above) with |xhat| <= X; 1/sigma by at most 2u / low**2. Then
+    # |dh| <= 2v + delta M + X mean(v X + (|G| + v) delta) with M = mean((|G| + v) X), and
+    # |h| <= H = (|G| + v) + mean(|G| + v) + X M; the integer backward adds four roundings of
+    # 2**-16 v (its FRACTION_BITS) and one float32 rounding of dx in each run.
+    upstream = _batch(2)[1].double()
+    v = 2.0 ** (torch.frexp(upstream.abs().max()).exponent.item() - 1 - 6)
+    delta = 2 * u * (1 + xhat) / low + 2.0**-15 + 2.0**-29 * xhat
+    g = upstream.abs() + v
+    dims = (0, 2, 3)
+    m = (g * xhat).mean(dims, keepdim=True)
+    h = g + g.mean(dims, keepdim=True) + xhat * m
+    dh = 2 * v + delta * m + xhat * (v * xhat + g * delta).mean(dims, keepdim=True) + 4 * 2.0**-16 * v
+    dx = torch.cat([r["dx"] for r in ranks]).double()
+    bound = gamma * (dh / low + h * 2 * u / low**2) + 2.0**-22 * (dx.abs() + single["dx"].double().abs())
+    assert bool(((dx - single["dx"].double()).abs() <= bound).all())
     assert not torch.equal(y.float(), single["y"])  # different draws: the bound is what is tested
     assert torch.equal(ranks[0]["running"][0], ranks[1]["running"][0])  # ranks agree on the running statistics
