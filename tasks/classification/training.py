@@ -74,10 +74,12 @@ def _run(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks, device: torch
             raise CheckpointError(f"trainer.resume=true, but this config differs from the one {ckpt_path} was "
                                   f"trained with: {'; '.join(diffs)}")
         trained_with = int(checkpoint.get("world_size", 1))
-        if trained_with != ranks.world_size:
-            raise CheckpointError(f"{ckpt_path} was trained by {trained_with} process(es) and this run has "
-                                  f"{ranks.world_size}: resume with the same number (torchrun --nproc_per_node, "
-                                  "--nnodes), so that it continues the same integer roundings")
+        if trained_with != ranks.world_size and ranks.main:
+            # Every state is the same on all processes and the global batches do not depend on
+            # their number; only which process maps which images changes.
+            log.warning("%s was trained by %d process(es) and continues with %d: the same global batches, but "
+                        "not bit-identical to continuing with %d", ckpt_path, trained_with, ranks.world_size,
+                        trained_with)
     if ranks.distributed:
         torch.distributed.barrier()
 
