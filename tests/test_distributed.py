@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 
 import intrain_core as ic
-from intrain_core.distributed import (IntegerAllreduce, accumulator_dtype, allreduce_bytes, register_integer_allreduce,
-                                      uses_integer_allreduce)
+from intrain_core.distributed import (IntegerAllreduce, accumulator_dtype, allreduce_bytes, headroom_bits,
+                                      register_integer_allreduce, uses_integer_allreduce)
 from intrain_core.fixed_point import from_fixed, to_fixed_at
 from intrain_core.rounding import RoundingStream, stream_key
 from ranks import run_ranks
@@ -137,6 +137,9 @@ def test_allreduce_choice_and_byte_estimate():
     assert not uses_integer_allreduce(ic.Numerics(allreduce="float"))
     with pytest.raises(ValueError, match="numerics.allreduce='half' is not one of"):
         ic.Numerics(allreduce="half")
+    assert [headroom_bits(n) for n in (1, 2, 3, 4, 5, 8, 9)] == [0, 1, 2, 2, 3, 3, 4]
+    # The sum of N b-bit mantissas needs b + headroom bits: 8 + 24 = 32 holds up to N = 2**24.
+    assert 2**24 * 127 < 2**31 and accumulator_dtype(8, 2**24) == torch.int32
     assert accumulator_dtype(8, 16_909_320) == torch.int32 and accumulator_dtype(8, 16_909_321) == torch.int64
     assert accumulator_dtype(16, 65_538) == torch.int32 and accumulator_dtype(16, 65_539) == torch.int64
     estimate = allreduce_bytes(_tiny_model().parameters(), 8, 2, buckets=1)
