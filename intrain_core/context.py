@@ -69,6 +69,7 @@ class IntegerContext:
         self.counters: Counter = Counter()
         self.ops: dict[OpKey, list[int]] = defaultdict(lambda: [0, 0])  # [calls, macs]
         self.layer_stack: list[str] = []
+        self.op_filter = None  # convert's op_filter: (op, layer stack, args) -> run in integers?
 
     # --- randomness and state ------------------------------------------------------------
     def key(self) -> torch.Tensor:

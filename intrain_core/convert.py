@@ -25,9 +25,9 @@ def _as_numerics(numerics: Numerics | str) -> Numerics:
 def check_finite(model: torch.nn.Module) -> None:
     """Raise ``NonFiniteError`` if a NaN or Inf reached an integer op of ``model`` since the last
     check, naming the first op and layer (one read of the device)."""
-    ctx = context_of(model)
-    if ctx is not None:
-        ctx.check_finite()
+    context = context_of(model)
+    if context is not None:
+        context.check_finite()
 
 
 def context_of(model: torch.nn.Module) -> IntegerContext | None:
@@ -35,15 +35,15 @@ def context_of(model: torch.nn.Module) -> IntegerContext | None:
     return getattr(model, CONTEXT_ATTR, None)
 
 
-def _install(model: torch.nn.Module, ctx: IntegerContext) -> list:
-    mode = IntegerMode(ctx)
+def _install(model: torch.nn.Module, context: IntegerContext) -> list:
+    mode = IntegerMode(context)
     depth = [0]  # re-entrant calls of the root (e.g. a model calling itself) enter once
 
     def enter(module, args):
         if depth[0] == 0:
             # The previous step's mappings, where reading the flag costs nothing (CPU); on an
             # accelerator IntSGD reads it once per step, and evaluation loops call check_finite.
-            ctx.check_finite(host_only=True)
+            context.check_finite(host_only=True)
             mode.__enter__()
         depth[0] += 1
 
@@ -53,16 +53,16 @@ def _install(model: torch.nn.Module, ctx: IntegerContext) -> list:
             mode.__exit__(None, None, None)
 
     def push(name):
-        return lambda module, args: ctx.layer_stack.append(name)
+        return lambda module, args: context.layer_stack.append(name)
 
     def pop(module, args, output):
-        ctx.layer_stack.pop()
+        context.layer_stack.pop()
 
     handles = []
     for name, module in model.named_modules():
         handles.append(module.register_forward_pre_hook(push(name or "<model>")))
         handles.append(module.register_forward_hook(pop, always_call=True))
-        if isinstance(module, torch.nn.SyncBatchNorm) and ctx.numerics.integer:
+        if isinstance(module, torch.nn.SyncBatchNorm) and context.numerics.integer:
             handles.append(_SyncNormForward(module))
     # The root's mode hooks wrap the name hooks: registered first on entry, last on exit.
     handles.append(model.register_forward_pre_hook(enter, prepend=True))
@@ -83,22 +83,26 @@ class _SyncNormForward:
         self.module.__dict__.pop("forward", None)
 
 
-def convert(model: torch.nn.Module, numerics: Numerics | str) -> torch.nn.Module:
+def convert(model: torch.nn.Module, numerics: Numerics | str, op_filter=None) -> torch.nn.Module:
     """Switch ``model`` to ``numerics`` in place and return it.
 
     Linear, convolutions, matmuls and attention, normalisation, residual adds and average
     pooling run in integers; every other op keeps running in float and is logged for the
     coverage report. A float32 preset (``integer: false``) returns the model unchanged.
+    ``op_filter(op, layers, args)``, where given, decides per call whether an op that could run
+    in integers does (``op``: its name, e.g. ``"add"``; ``layers``: the names of the modules
+    running it, outermost first); False runs it in float, reported as float.
     """
     numerics = _as_numerics(numerics)
     if context_of(model) is not None:
         raise ValueError("this model is already converted; call intrain_core.revert(model) first")
     if not numerics.integer:
         return model
-    ctx = IntegerContext(numerics)
-    setattr(model, HANDLES_ATTR, _install(model, ctx))
-    setattr(model, CONTEXT_ATTR, ctx)
-    register_context(model.parameters(), ctx)
+    context = IntegerContext(numerics)
+    context.op_filter = op_filter
+    setattr(model, HANDLES_ATTR, _install(model, context))
+    setattr(model, CONTEXT_ATTR, context)
+    register_context(model.parameters(), context)
     return model
 
 
@@ -115,7 +119,7 @@ def revert(model: torch.nn.Module) -> torch.nn.Module:
 
 def observe(model: torch.nn.Module, numerics: Numerics | None = None) -> IntegerContext:
     """Install logging-only hooks on an unconverted model (for a float coverage report)."""
-    ctx = IntegerContext(numerics or Numerics(name="fp32", integer=False))
-    setattr(model, HANDLES_ATTR, _install(model, ctx))
-    setattr(model, CONTEXT_ATTR, ctx)
-    return ctx
+    context = IntegerContext(numerics or Numerics(name="fp32", integer=False))
+    setattr(model, HANDLES_ATTR, _install(model, context))
+    setattr(model, CONTEXT_ATTR, context)
+    return context

@@ -82,7 +82,7 @@ class CoverageReport:
         return json.dumps(self.to_dict(), indent=2)
 
 
-def _optimizer_entries(optimizer, ctx) -> None:
+def _optimizer_entries(optimizer, context) -> None:
     from .optim import IntSGD
 
     integer = isinstance(optimizer, IntSGD)
@@ -90,7 +90,7 @@ def _optimizer_entries(optimizer, ctx) -> None:
         for p in group["params"]:
             if p.grad is not None:
                 # The SGD update: weight decay, momentum and the step, one product each.
-                ctx.record(type(optimizer).__name__, "optimizer", integer, 3 * p.numel(), "<optimizer>")
+                context.record(type(optimizer).__name__, "optimizer", integer, 3 * p.numel(), "<optimizer>")
 
 
 def coverage(model, example_inputs, loss_fn=None, optimizer=None) -> CoverageReport:
@@ -101,31 +101,31 @@ def coverage(model, example_inputs, loss_fn=None, optimizer=None) -> CoverageRep
     (the output summed when omitted). The step is real: gradients are cleared afterwards, and a
     given optimizer does update the weights.
     """
-    ctx = context_of(model)
-    observing = ctx is None
+    context = context_of(model)
+    observing = context is None
     if observing:
-        ctx = observe(model)
+        context = observe(model)
     args, kwargs = (example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)), {}
     if isinstance(example_inputs, dict):
         args, kwargs = (), example_inputs
-    ctx.reset_log()
-    counters_before = ctx.counter_values()
+    context.reset_log()
+    counters_before = context.counter_values()
     try:
         output = model(*args, **kwargs)
-        with IntegerMode(ctx):
-            ctx.layer_stack.append("<loss>")
+        with IntegerMode(context):
+            context.layer_stack.append("<loss>")
             loss = loss_fn(output) if loss_fn is not None else _sum_outputs(output)
-            ctx.layer_stack.pop()
+            context.layer_stack.pop()
         loss.backward()
         if optimizer is not None:
-            _optimizer_entries(optimizer, ctx)
+            _optimizer_entries(optimizer, context)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         else:
             model.zero_grad(set_to_none=True)
-        entries = [OpEntry(k.phase, k.layer, k.op, k.arithmetic, v[0], v[1]) for k, v in ctx.ops.items()]
-        counters = {k: v - counters_before.get(k, 0) for k, v in ctx.counter_values().items()}
-        return CoverageReport(ctx.numerics.name, entries, counters)
+        entries = [OpEntry(k.phase, k.layer, k.op, k.arithmetic, v[0], v[1]) for k, v in context.ops.items()]
+        counters = {k: v - counters_before.get(k, 0) for k, v in context.counter_values().items()}
+        return CoverageReport(context.numerics.name, entries, counters)
     finally:
         if observing:
             revert(model)

@@ -118,10 +118,10 @@ def register_integer_allreduce(ddp_model, process_group=None) -> IntegerAllreduc
     """Make ``ddp_model`` (a ``DistributedDataParallel`` of a converted model) reduce its
     gradients with the exact integer all-reduce; returns the hook's state. Call it before the
     first forward."""
-    ctx = context_of(ddp_model.module)
-    if ctx is None:
+    context = context_of(ddp_model.module)
+    if context is None:
         raise ValueError("the integer all-reduce needs a converted model: call intrain_core.convert before DDP")
-    state = IntegerAllreduce(ctx.numerics, ctx.stream, process_group)
+    state = IntegerAllreduce(context.numerics, context.stream, process_group)
     ddp_model.register_comm_hook(state, _hook)
     return state
 

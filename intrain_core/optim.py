@@ -118,8 +118,8 @@ class IntSGD(torch.optim.Optimizer):
     def _check_finite(self, params: list[torch.Tensor]) -> None:
         """One read of the device per step: the mappings of the model's forward and backward,
         and every gradient. Nothing is updated when one of them held NaN or Inf."""
-        for ctx in contexts_of(params):
-            ctx.check_finite()
+        for context in contexts_of(params):
+            context.check_finite()
         grads = [p.grad for p in params]
         found = torch.zeros(1, device=grads[0].device)
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=found.device))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from tasks.openmmlab import Family, run as run_openmmlab, walk
@@ -15,6 +16,18 @@ from tasks.openmmlab import Family, run as run_openmmlab, walk
 # FPN inputs of a ResNet's four stages: BasicBlock (18, 34) or Bottleneck (50, 101, 152).
 STAGE_CHANNELS = {18: [64, 128, 256, 512], 34: [64, 128, 256, 512], 50: [256, 512, 1024, 2048],
                   101: [256, 512, 1024, 2048], 152: [256, 512, 1024, 2048]}
+
+
+def network_adds_only(op: str, layers: tuple[str, ...], args: tuple) -> bool:
+    """convert's op_filter for detectors: an add inside a layer, or on parameters or tensors
+    carrying gradients, is the network's own (residuals, FPN merges); what the detector's root
+    module computes on constants (anchor grids, box encoding and decoding, target assignment) is
+    bookkeeping, kept in float: in int8 a shared scale would round box coordinates to whole
+    pixels (to 16 pixels at COCO sizes)."""
+    if op != "add":
+        return True
+    return len(layers) > 1 or any(isinstance(t, torch.Tensor) and (t.requires_grad or isinstance(t, torch.nn.Parameter))
+                                  for t in args)
 
 
 def set_depth(model, depth: int) -> None:
@@ -82,6 +95,7 @@ FAMILY = Family(
     # COCO reports fractions, VOC percent already: all columns in percent, like accuracies.
     metric_scale={"coco/bbox_mAP": 100.0, "coco/bbox_mAP_50": 100.0, "coco/segm_mAP": 100.0},
     metric_when_empty={"coco/bbox_mAP": 0.0, "coco/bbox_mAP_50": 0.0},
+    op_filter="tasks.detection.network_adds_only",
 )
 
 

@@ -43,6 +43,7 @@ class Family:
     metric_names: dict[str, str]  # mmengine metric key -> metrics.csv column
     metric_scale: dict[str, float]
     metric_when_empty: dict[str, float]  # what an evaluator's empty result means (no detections: AP 0)
+    op_filter: str | None = None  # dotted name of convert's op_filter for this family
 
 
 def require_openmmlab(task: str, package: str) -> None:
@@ -227,7 +228,7 @@ def _set_hooks(mm, cfg: DictConfig, run_dir: Path, family: Family, resume_step: 
                   config=OmegaConf.to_container(cfg, resolve=True))]
     if numerics["integer"]:
         hooks.insert(0, dict(type="IntegerNumericsHook", numerics=numerics, run_dir=str(run_dir),
-                             restore_context=bool(tr.resume)))
+                             restore_context=bool(tr.resume), op_filter=family.op_filter))
     mm.custom_hooks = hooks
 
 

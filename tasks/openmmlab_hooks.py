@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import json
 import logging
 import math
@@ -90,14 +91,24 @@ def _record_compiled_op(ctx, layer: str, module, args, output) -> None:
         ctx.record(op, "backward", False, macs, layer)
 
 
+def _resolve(dotted: str | None):
+    """A function from its dotted name (configs are text: mm_config.py names the filter)."""
+    if dotted is None:
+        return None
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 @HOOKS.register_module(force=True)
 class IntegerNumericsHook(Hook):
     """Converts the model to ``numerics`` once, after weights are initialised or resumed."""
 
     priority = "VERY_HIGH"
 
-    def __init__(self, numerics: dict, run_dir: str, coverage_samples: int = 2, restore_context: bool = True):
+    def __init__(self, numerics: dict, run_dir: str, coverage_samples: int = 2, restore_context: bool = True,
+                 op_filter: str | None = None):
         self.numerics = Numerics.from_dict(dict(numerics))
+        self.op_filter = _resolve(op_filter)
         self.run_dir = Path(run_dir)
         self.coverage_samples = coverage_samples
         # Only a resume continues the checkpoint's rounding streams; weights that start a new run
@@ -112,7 +123,7 @@ class IntegerNumericsHook(Hook):
         model = _model_of(runner)
         if context_of(model) is not None:
             return
-        convert(model, self.numerics)
+        convert(model, self.numerics, op_filter=self.op_filter)
         ctx = context_of(model)
         for name, module in model.named_modules():
             if type(module).__module__.startswith("mmcv.ops"):  # compiled kernels: no torch function to see

@@ -22,6 +22,12 @@ from tasks.openmmlab import MM_LAST, require_openmmlab
 METRICS = {"detection": ("coco/bbox_mAP", "val/bbox_mAP", 100.0), "segmentation": ("mIoU", "val/mIoU", 1.0)}
 
 
+def _family(name: str):
+    from tasks import detection, segmentation
+
+    return {"detection": detection.FAMILY, "segmentation": segmentation.FAMILY}[name]
+
+
 def score(run_dir: Path, family: str, numerics: Numerics) -> dict[str, float]:
     """``{column: value in percent}`` of ``run_dir``'s last checkpoint scored under ``numerics``."""
     require_openmmlab(family, "mmdet" if family == "detection" else "mmseg")
@@ -41,7 +47,7 @@ def score(run_dir: Path, family: str, numerics: Numerics) -> dict[str, float]:
     cfg.custom_hooks = []
     if numerics.integer:
         cfg.custom_hooks = [dict(type="IntegerNumericsHook", numerics=numerics.to_dict(), run_dir=scratch,
-                                 restore_context=False)]
+                                 restore_context=False, op_filter=_family(family).op_filter)]
     key, column, scale = METRICS[family]
     # mmengine loads its checkpoints (numpy and logging objects) with full unpickling: this run's own files.
     with mock.patch.dict(os.environ, {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}):

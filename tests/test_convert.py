@@ -151,13 +151,34 @@ class _Residual(torch.nn.Module):
         return self.linear(x) + x
 
 
-def test_root_bookkeeping_on_constants_stays_float_and_residuals_are_integer():
-    model = convert(_BoxesBesideFeatures(), "int8")
+@pytest.mark.parametrize("detector_filter", [True, False])
+def test_the_detection_filter_keeps_root_bookkeeping_on_constants_in_float(detector_filter):
+    from tasks.detection import network_adds_only
+
+    model = convert(_BoxesBesideFeatures(), "int8", op_filter=network_adds_only if detector_filter else None)
     features, anchors = model(torch.randn(3, 4, requires_grad=True))
-    # In int8 with one shared scale, 679 px would round to multiples of 8 px; float keeps .5 px.
-    assert torch.equal(anchors, (torch.arange(8) * 97.0)[:, None] + torch.tensor([-16.5, 16.5]))
+    exact = (torch.arange(8) * 97.0)[:, None] + torch.tensor([-16.5, 16.5])
     adds = {(key.layer, key.arithmetic) for key in context_of(model).ops if key.op == "add"}
-    assert ("block", "integer") in adds and ("<model>", "float") in adds
+    assert ("block", "integer") in adds
+    if detector_filter:
+        assert torch.equal(anchors, exact) and ("<model>", "float") in adds
+    else:
+        # In int8 with one shared scale, 679 px rounds to multiples of 8 px; float keeps .5 px.
+        assert not torch.equal(anchors, exact) and ("<model>", "integer") in adds
+
+
+def test_op_filter_sees_the_op_and_its_layers():
+    seen = []
+
+    def no_linear(op, layers, args):
+        seen.append((op, layers))
+        return op != "linear"
+
+    model = convert(_Residual(), "int8", op_filter=no_linear)
+    model(torch.randn(3, 4))
+    assert ("linear", ("<model>", "linear")) in seen and ("add", ("<model>",)) in seen
+    arithmetic = {key.op: key.arithmetic for key in context_of(model).ops}
+    assert arithmetic["linear"] == "float" and arithmetic["add"] == "integer"
 
 
 def test_non_finite_bias_names_the_layer():

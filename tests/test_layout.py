@@ -46,10 +46,9 @@ def test_the_private_name_check_finds_both_forms():
     assert private_imports(source) == ["tasks.curves._number", ".fixed_point._map", "tables._x"]
 
 
-def test_no_task_or_script_imports_a_private_name_of_another_module():
-    # intrain_core is not covered yet: its ops and optimiser share private helpers (issue 12).
+def test_no_module_imports_a_private_name_of_another_module():
     found = {str(p.relative_to(ROOT)): private_imports(p.read_text())
-             for p in python_files("tasks", "scripts") + [ROOT / "train.py"]}
+             for p in python_files("intrain_core", "tasks", "scripts") + [ROOT / "train.py"]}
     assert not {path: names for path, names in found.items() if names}
 
 

@@ -5,6 +5,7 @@ import torch
 
 from ..compiled import fused
 from ..fixed_point import from_fixed, qmax, rounded_mantissas, scale_by_pow2, shared_exponent
+from ..registry import FALLBACK, implements, is_float32
 from ..rounding import round_float
 
 
@@ -26,12 +27,12 @@ def _add(a: torch.Tensor, b: torch.Tensor, bits: int, rounding: str, keys: tuple
     return from_fixed(ma + mb, exponent), finite_a, finite_b, clamped
 
 
-def _gradient_for(ctx, grad: torch.Tensor, shape: torch.Size, layer: str) -> torch.Tensor:
+def _gradient_for(context, grad: torch.Tensor, shape: torch.Size, layer: str) -> torch.Tensor:
     """The identity, or for an operand that was broadcast (a position embedding, say) the
     integer sum of the mapped gradient over the broadcast dimensions."""
     if grad.shape == shape:
         return grad
-    gq = ctx.map(grad, ctx.numerics.backward_bits, ctx.where("add", "grad_output", layer))
+    gq = context.map(grad, context.numerics.backward_bits, context.where("add", "grad_output", layer))
     acc = gq.mantissa.to(torch.int64)
     extra = acc.dim() - len(shape)
     if extra:
@@ -39,28 +40,50 @@ def _gradient_for(ctx, grad: torch.Tensor, shape: torch.Size, layer: str) -> tor
     expanded = tuple(i for i, size in enumerate(shape) if size == 1 and acc.shape[i] != 1)
     if expanded:
         acc = acc.sum(dim=expanded, keepdim=True)
-    ctx.record("add", "backward", True, 0, layer)
+    context.record("add", "backward", True, 0, layer)
     return from_fixed(acc, gq.exponent)
 
 
 class IntegerAdd(torch.autograd.Function):
     @staticmethod
-    def forward(fctx, a, b, ctx, layer):
-        n = ctx.numerics
-        keys = (ctx.key(), ctx.key(), ctx.key(), ctx.key())
+    def forward(ctx, a, b, context, layer):
+        n = context.numerics
+        keys = (context.key(), context.key(), context.key(), context.key())
         y, finite_a, finite_b, clamped = _add(a.detach(), b.detach(), n.forward_bits, n.rounding, keys)
-        ctx.nonfinite.note(finite_a, ctx.where("add", "left operand", layer))
-        ctx.nonfinite.note(finite_b, ctx.where("add", "right operand", layer))
-        ctx.count("clamps", clamped)
-        ctx.record("add", "forward", True, 0, layer)
-        fctx.ctx, fctx.layer, fctx.shapes = ctx, layer, (a.shape, b.shape)
+        context.nonfinite.note(finite_a, context.where("add", "left operand", layer))
+        context.nonfinite.note(finite_b, context.where("add", "right operand", layer))
+        context.count("clamps", clamped)
+        context.record("add", "forward", True, 0, layer)
+        ctx.context, ctx.layer, ctx.shapes = context, layer, (a.shape, b.shape)
         return y
 
     @staticmethod
-    def backward(fctx, grad):
-        ctx, layer = fctx.ctx, fctx.layer
-        return _gradient_for(ctx, grad, fctx.shapes[0], layer), _gradient_for(ctx, grad, fctx.shapes[1], layer), None, None
+    def backward(ctx, grad):
+        context, layer = ctx.context, ctx.layer
+        return _gradient_for(context, grad, ctx.shapes[0], layer), _gradient_for(context, grad, ctx.shapes[1], layer), None, None
 
 
-def add(ctx, a, b, layer=None):
-    return IntegerAdd.apply(a, b, ctx, layer or ctx.layer)
+def add(context, a, b, layer=None):
+    return IntegerAdd.apply(a, b, context, layer or context.layer)
+
+
+@implements(torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__)
+def add_handler(context, input, other, *args, alpha=1, out=None):
+    if args or out is not None or alpha != 1 or not context.numerics.runs_integer("add"):
+        return FALLBACK
+    if not is_float32(input, other):
+        return FALLBACK
+    try:
+        torch.broadcast_shapes(input.shape, other.shape)
+    except RuntimeError:
+        return FALLBACK  # let torch raise its own error
+    return add(context, input, other)
+
+
+@implements(torch.Tensor.__iadd__, torch.Tensor.add_)
+def add_inplace_handler(context, input, other, *args, **kwargs):
+    """``a += b`` and ``a.add_(b)``: the integer sum written back into ``a``, as in place."""
+    result = add_handler(context, input, other, *args, **kwargs)
+    if result is FALLBACK or result.shape != input.shape:
+        return FALLBACK
+    return input.copy_(result)

@@ -3,8 +3,10 @@ convolution kernels (docs/numerics-contract.md section 3)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..fixed_point import from_fixed
+from ..registry import FALLBACK, implements, is_float32
 from .linear import map_bias
 from .weights import map_weight
 
@@ -22,76 +24,76 @@ class IntegerConv2d(torch.autograd.Function):
     which is the input-gradient of a conv2d whose input is y; its backward swaps roles."""
 
     @staticmethod
-    def forward(fctx, x, weight, bias, ctx, layer, geometry, transposed):
-        n = ctx.numerics
+    def forward(ctx, x, weight, bias, context, layer, geometry, transposed):
+        n = context.numerics
         op = "conv_transpose2d" if transposed else "conv2d"
         stride, padding, dilation, groups, output_shape = geometry
-        xq = ctx.map(x, n.forward_bits, ctx.where(op, "input", layer))
-        wq = map_weight(ctx, weight, ctx.where(op, "weight", layer))
+        xq = context.map(x, n.forward_bits, context.where(op, "input", layer))
+        wq = map_weight(context, weight, context.where(op, "weight", layer))
         taps = weight.shape[2] * weight.shape[3]
         # Products summed per output element: in-channels per group x taps (for a transposed
         # conv, the out-channels of the underlying conv).
         reduction = (weight.shape[0] // groups if transposed else weight.shape[1]) * taps
-        acc_dtype, bound = ctx.accumulator(reduction, n.forward_bits, n.forward_bits)
-        be = ctx.backend
+        acc_dtype, bound = context.accumulator(reduction, n.forward_bits, n.forward_bits)
+        be = context.backend
         if transposed:
             acc = be.conv2d_input(output_shape, wq.mantissa, xq.mantissa, stride, padding, dilation, groups, bound, acc_dtype)
         else:
             acc = be.conv2d(xq.mantissa, wq.mantissa, stride, padding, dilation, groups, bound, acc_dtype)
         exponent = xq.exponent + wq.exponent
         if bias is not None:
-            b = map_bias(ctx, bias, exponent, acc_dtype, reduction, bound, ctx.where(op, "bias", layer))
+            b = map_bias(context, bias, exponent, acc_dtype, reduction, bound, context.where(op, "bias", layer))
             acc = acc + b.view(1, -1, 1, 1)
         y = from_fixed(acc, exponent)
-        fctx.ctx, fctx.layer, fctx.op = ctx, layer, op
-        fctx.geometry, fctx.transposed, fctx.has_bias = geometry, transposed, bias is not None
-        fctx.x_shape, fctx.w_shape = x.shape, weight.shape
-        fctx.macs = y.numel() * reduction
+        ctx.context, ctx.layer, ctx.op = context, layer, op
+        ctx.geometry, ctx.transposed, ctx.has_bias = geometry, transposed, bias is not None
+        ctx.x_shape, ctx.w_shape = x.shape, weight.shape
+        ctx.macs = y.numel() * reduction
         if n.backward == "float":
-            fctx.save_for_backward(x, weight)
+            ctx.save_for_backward(x, weight)
         else:
-            fctx.save_for_backward(xq.mantissa, wq.mantissa)
-            fctx.exponents = (xq.exponent, wq.exponent)
-        ctx.record(op, "forward", True, fctx.macs, layer)
+            ctx.save_for_backward(xq.mantissa, wq.mantissa)
+            ctx.exponents = (xq.exponent, wq.exponent)
+        context.record(op, "forward", True, ctx.macs, layer)
         return y
 
     @staticmethod
-    def backward(fctx, grad_y):
-        ctx, layer, op = fctx.ctx, fctx.layer, fctx.op
-        n = ctx.numerics
-        stride, padding, dilation, groups, _ = fctx.geometry
-        x, w = fctx.saved_tensors
+    def backward(ctx, grad_y):
+        context, layer, op = ctx.context, ctx.layer, ctx.op
+        n = context.numerics
+        stride, padding, dilation, groups, _ = ctx.geometry
+        x, w = ctx.saved_tensors
         if n.backward == "float":
-            ctx.record(op, "backward", False, 2 * fctx.macs, layer)
-            if fctx.transposed:
+            context.record(op, "backward", False, 2 * ctx.macs, layer)
+            if ctx.transposed:
                 grad_x = torch.nn.functional.conv2d(grad_y, w, None, stride, padding, dilation, groups)
                 grad_w = torch.nn.grad.conv2d_weight(grad_y, w.shape, x, stride, padding, dilation, groups)
             else:
                 grad_x = torch.nn.grad.conv2d_input(x.shape, w, grad_y, stride, padding, dilation, groups)
                 grad_w = torch.nn.grad.conv2d_weight(x, w.shape, grad_y, stride, padding, dilation, groups)
-            grad_b = grad_y.sum((0, 2, 3)) if fctx.has_bias else None
+            grad_b = grad_y.sum((0, 2, 3)) if ctx.has_bias else None
             return grad_x, grad_w, grad_b, None, None, None, None
-        sx, sw = fctx.exponents
-        gq = ctx.map(grad_y, n.backward_bits, ctx.where(op, "grad_output", layer))
+        sx, sw = ctx.exponents
+        gq = context.map(grad_y, n.backward_bits, context.where(op, "grad_output", layer))
         g = gq.mantissa
-        be = ctx.backend
+        be = context.backend
         taps = w.shape[2] * w.shape[3]
         positions = g.shape[0] * g.shape[2] * g.shape[3]
         bits = (n.backward_bits, n.forward_bits)
-        if fctx.transposed:
-            dtype, bound = ctx.accumulator(w.shape[1] * taps, *bits)
+        if ctx.transposed:
+            dtype, bound = context.accumulator(w.shape[1] * taps, *bits)
             grad_x = be.conv2d(g, w, stride, padding, dilation, groups, bound, dtype)
-            dtype, bound = ctx.accumulator(x.shape[0] * x.shape[2] * x.shape[3], *bits)
+            dtype, bound = context.accumulator(x.shape[0] * x.shape[2] * x.shape[3], *bits)
             grad_w = be.conv2d_weight(g, w.shape, x, stride, padding, dilation, groups, bound, dtype)
         else:
-            dtype, bound = ctx.accumulator(w.shape[0] // groups * taps, *bits)
+            dtype, bound = context.accumulator(w.shape[0] // groups * taps, *bits)
             grad_x = be.conv2d_input(x.shape, w, g, stride, padding, dilation, groups, bound, dtype)
-            dtype, bound = ctx.accumulator(positions, *bits)
+            dtype, bound = context.accumulator(positions, *bits)
             grad_w = be.conv2d_weight(x, w.shape, g, stride, padding, dilation, groups, bound, dtype)
         grad_x = from_fixed(grad_x, gq.exponent + sw)
         grad_w = from_fixed(grad_w, gq.exponent + sx)
-        grad_b = from_fixed(g.sum((0, 2, 3), dtype=torch.int64), gq.exponent) if fctx.has_bias else None
-        ctx.record(op, "backward", True, 2 * fctx.macs, layer)
+        grad_b = from_fixed(g.sum((0, 2, 3), dtype=torch.int64), gq.exponent) if ctx.has_bias else None
+        context.record(op, "backward", True, 2 * ctx.macs, layer)
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
@@ -107,17 +109,17 @@ def _resolve_padding(padding, weight, dilation):
     return _pair(padding)
 
 
-def conv2d(ctx, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, layer=None):
+def conv2d(context, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, layer=None):
     """Integer ``F.conv2d``; returns None when the geometry is not supported (caller falls back)."""
     stride, dilation = _pair(stride), _pair(dilation)
     padding = _resolve_padding(padding, weight, dilation)
     if padding is None or x.dim() != 4:
         return None
     geometry = (stride, padding, dilation, groups, None)
-    return IntegerConv2d.apply(x, weight, bias, ctx, layer or ctx.layer, geometry, False)
+    return IntegerConv2d.apply(x, weight, bias, context, layer or context.layer, geometry, False)
 
 
-def conv1d(ctx, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, layer=None):
+def conv1d(context, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, layer=None):
     """Integer ``F.conv1d`` as a conv2d over a height of one."""
     unbatched = x.dim() == 2
     if unbatched:
@@ -127,7 +129,7 @@ def conv1d(ctx, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
 
     pad = padding if isinstance(padding, str) else along_width(padding, 0)
     y = conv2d(
-        ctx, x.unsqueeze(2), weight.unsqueeze(2), bias, along_width(stride, 1), pad, along_width(dilation, 1), groups, layer
+        context, x.unsqueeze(2), weight.unsqueeze(2), bias, along_width(stride, 1), pad, along_width(dilation, 1), groups, layer
     )
     if y is None:
         return None
@@ -135,7 +137,7 @@ def conv1d(ctx, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
     return y.squeeze(0) if unbatched else y
 
 
-def conv_transpose2d(ctx, x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, layer=None):
+def conv_transpose2d(context, x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, layer=None):
     if x.dim() != 4:
         return None
     stride, padding, output_padding, dilation = map(_pair, (stride, padding, output_padding, dilation))
@@ -145,4 +147,19 @@ def conv_transpose2d(ctx, x, weight, bias=None, stride=1, padding=0, output_padd
     ]
     output_shape = (x.shape[0], weight.shape[1] * groups, *out_hw)
     geometry = (stride, padding, dilation, groups, output_shape)
-    return IntegerConv2d.apply(x, weight, bias, ctx, layer or ctx.layer, geometry, True)
+    return IntegerConv2d.apply(x, weight, bias, context, layer or context.layer, geometry, True)
+
+
+def _handler(op):
+    def handler(context, input, weight, bias=None, *args, **kwargs):
+        if not context.numerics.runs_integer("conv") or not is_float32(input, weight):
+            return FALLBACK
+        y = op(context, input, weight, bias, *args, **kwargs)
+        return FALLBACK if y is None else y
+
+    return handler
+
+
+implements(F.conv1d)(_handler(conv1d))
+implements(F.conv2d)(_handler(conv2d))
+implements(F.conv_transpose2d)(_handler(conv_transpose2d))

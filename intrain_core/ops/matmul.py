@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..fixed_point import from_fixed
+from ..registry import FALLBACK, implements, is_float32
 
 
 def _sum_to_shape(acc: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -20,52 +21,73 @@ def _sum_to_shape(acc: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 class IntegerMatmul(torch.autograd.Function):
     @staticmethod
-    def forward(fctx, a, b, ctx, layer, op):
-        n = ctx.numerics
-        aq = ctx.map(a, n.forward_bits, ctx.where(op, "left operand", layer))
-        bq = ctx.map(b, n.forward_bits, ctx.where(op, "right operand", layer))
+    def forward(ctx, a, b, context, layer, op):
+        n = context.numerics
+        aq = context.map(a, n.forward_bits, context.where(op, "left operand", layer))
+        bq = context.map(b, n.forward_bits, context.where(op, "right operand", layer))
         k = a.shape[-1]
-        acc_dtype, bound = ctx.accumulator(k, n.forward_bits, n.forward_bits)
-        acc = ctx.backend.matmul(aq.mantissa, bq.mantissa, bound, acc_dtype)
+        acc_dtype, bound = context.accumulator(k, n.forward_bits, n.forward_bits)
+        acc = context.backend.matmul(aq.mantissa, bq.mantissa, bound, acc_dtype)
         y = from_fixed(acc, aq.exponent + bq.exponent)
-        fctx.ctx, fctx.layer, fctx.op = ctx, layer, op
-        fctx.shapes = (a.shape, b.shape)
+        ctx.context, ctx.layer, ctx.op = context, layer, op
+        ctx.shapes = (a.shape, b.shape)
         if n.backward == "float":
-            fctx.save_for_backward(a, b)
+            ctx.save_for_backward(a, b)
         else:
-            fctx.save_for_backward(aq.mantissa, bq.mantissa)
-            fctx.exponents = (aq.exponent, bq.exponent)
+            ctx.save_for_backward(aq.mantissa, bq.mantissa)
+            ctx.exponents = (aq.exponent, bq.exponent)
         macs = y.numel() * k
-        fctx.macs = macs
-        ctx.record(op, "forward", True, macs, layer)
+        ctx.macs = macs
+        context.record(op, "forward", True, macs, layer)
         return y
 
     @staticmethod
-    def backward(fctx, grad_y):
-        ctx, layer, op = fctx.ctx, fctx.layer, fctx.op
-        n = ctx.numerics
-        a_shape, b_shape = fctx.shapes
+    def backward(ctx, grad_y):
+        context, layer, op = ctx.context, ctx.layer, ctx.op
+        n = context.numerics
+        a_shape, b_shape = ctx.shapes
         if n.backward == "float":
-            a, b = fctx.saved_tensors
-            ctx.record(op, "backward", False, 2 * fctx.macs, layer)
+            a, b = ctx.saved_tensors
+            context.record(op, "backward", False, 2 * ctx.macs, layer)
             grad_a = (grad_y @ b.transpose(-1, -2)).sum_to_size(a_shape)
             grad_b = (a.transpose(-1, -2) @ grad_y).sum_to_size(b_shape)
             return grad_a, grad_b, None, None, None
-        a, b = fctx.saved_tensors
-        sa, sb = fctx.exponents
-        gq = ctx.map(grad_y, n.backward_bits, ctx.where(op, "grad_output", layer))
+        a, b = ctx.saved_tensors
+        sa, sb = ctx.exponents
+        gq = context.map(grad_y, n.backward_bits, context.where(op, "grad_output", layer))
         g = gq.mantissa
-        acc_dtype, bound = ctx.accumulator(g.shape[-1], n.backward_bits, n.forward_bits)
-        grad_a = ctx.backend.matmul(g, b.transpose(-1, -2), bound, acc_dtype)
+        acc_dtype, bound = context.accumulator(g.shape[-1], n.backward_bits, n.forward_bits)
+        grad_a = context.backend.matmul(g, b.transpose(-1, -2), bound, acc_dtype)
         # Sums over broadcast batch dimensions happen afterwards, in int64.
-        acc_dtype, bound = ctx.accumulator(g.shape[-2], n.backward_bits, n.forward_bits)
-        grad_b = ctx.backend.matmul(a.transpose(-1, -2), g, bound, acc_dtype)
+        acc_dtype, bound = context.accumulator(g.shape[-2], n.backward_bits, n.forward_bits)
+        grad_b = context.backend.matmul(a.transpose(-1, -2), g, bound, acc_dtype)
         grad_a = from_fixed(_sum_to_shape(grad_a, a_shape), gq.exponent + sb)
         grad_b = from_fixed(_sum_to_shape(grad_b, b_shape), gq.exponent + sa)
-        ctx.record(op, "backward", True, 2 * fctx.macs, layer)
+        context.record(op, "backward", True, 2 * ctx.macs, layer)
         return grad_a, grad_b, None, None, None
 
 
-def matmul(ctx, a, b, layer=None, op="matmul"):
+def matmul(context, a, b, layer=None, op="matmul"):
     """Integer ``a @ b`` for operands of at least two dimensions."""
-    return IntegerMatmul.apply(a, b, ctx, layer or ctx.layer, op)
+    return IntegerMatmul.apply(a, b, context, layer or context.layer, op)
+
+
+def _handler(op_name: str):
+    def handler(context, input, other, *args, **kwargs):
+        if args or kwargs or not context.numerics.runs_integer("matmul") or not is_float32(input, other):
+            return FALLBACK
+        if input.dim() < 2 or other.dim() < 2:
+            return FALLBACK
+        return matmul(context, input, other, op=op_name)
+
+    return handler
+
+
+implements(torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)(_handler("matmul"))
+implements(torch.bmm, torch.Tensor.bmm)(_handler("bmm"))
+implements(torch.mm, torch.Tensor.mm)(_handler("mm"))
+
+
+@implements(torch.Tensor.__rmatmul__)
+def rmatmul_handler(context, input, other):
+    return _handler("matmul")(context, other, input)

@@ -27,10 +27,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ..compiled import fused
 from ..fixed_point import (add_fixed, bit_length, fixed_constant, from_fixed, map_at_deferred, map_deferred, qmax,
                            requantize)
+from ..registry import FALLBACK, implements, is_float32
 from ..rounding import round_half_up_shift
 from .weights import map_weight
 
@@ -71,7 +73,7 @@ def _floor_log2(value: float) -> int:
 
 
 # --- training statistics --------------------------------------------------------------------
-def _sums(m: torch.Tensor):
+def group_sums(m: torch.Tensor):
     """S1 and S2 per group of the (A, G, B) view, int64: what ranks add to share statistics."""
     wide = m.to(torch.int64)
     return wide.sum((0, 2), keepdim=True), (wide * wide).sum((0, 2), keepdim=True)
@@ -82,11 +84,11 @@ def _batch_statistics(m: torch.Tensor, exponent: torch.Tensor, eps_m: int, eps_e
     """Per group of the (A, G, B) view: S1, V, and 1/sqrt(V + eps) as (mantissa, exponent) with
     V shifted left by 2k (k folded into the exponent). ``eps_m 2**eps_e = eps n**2`` with
     EPS_BITS significant bits, added in V's units."""
-    s1, s2 = _sums(m)
-    return (s1,) + _statistics_from_sums(s1, s2, m.shape[0] * m.shape[2], exponent, eps_m, eps_e)
+    s1, s2 = group_sums(m)
+    return (s1,) + statistics_from_sums(s1, s2, m.shape[0] * m.shape[2], exponent, eps_m, eps_e)
 
 
-def _statistics_from_sums(s1, s2, n, exponent, eps_m: int, eps_e: int):
+def statistics_from_sums(s1, s2, n, exponent, eps_m: int, eps_e: int):
     """V and 1/sqrt(V + eps) of ``_batch_statistics`` from the sums of n values."""
     variance = n * s2 - s1 * s1
     # In V's units, 2**(2s), eps is eps_m 2**(eps_e - 2s): below one unit when few values share a
@@ -99,7 +101,7 @@ def _statistics_from_sums(s1, s2, n, exponent, eps_m: int, eps_e: int):
     return variance, inv, inv_exp + shift // 2
 
 
-def _centred_shift(n: int, bits: int) -> int:
+def centred_shift(n: int, bits: int) -> int:
     """The right shift that keeps c = n m - S1 (|c| <= 2 n qmax) within OPERAND_BITS."""
     return max(0, (2 * n * qmax(bits)).bit_length() - OPERAND_BITS)
 
@@ -143,7 +145,7 @@ def _affine(xhat, gamma_m, beta_m, exponent):
 
 
 @fused
-def _forward_training(m, s1, inv, inv_exp, n, c_shift: int, gamma_m, beta_m, exponent, shape):
+def forward_training(m, s1, inv, inv_exp, n, c_shift: int, gamma_m, beta_m, exponent, shape):
     xhat = _xhat(m, s1, inv, inv_exp, n, c_shift).reshape(shape)
     return _affine(xhat, gamma_m, beta_m, exponent)
 
@@ -173,14 +175,14 @@ def _backward_training(m, s1, inv, inv_exp, g, gamma_m, n, c_shift: int, scale_s
     dx = rstd (d - mean(d) - xhat mean(d xhat)), rstd = n inv 2**(inv_exp - x_exp).
     ``m``, ``s1`` and ``inv`` are in the (A, G, B) view; ``g`` and ``gamma_m`` in x's shape.
     """
-    xhat, grad_weight, grad_bias, d, total, projection = _backward_sums(m, s1, inv, inv_exp, g, gamma_m, n, c_shift,
+    xhat, grad_weight, grad_bias, d, total, projection = backward_sums(m, s1, inv, inv_exp, g, gamma_m, n, c_shift,
                                                                         affine_dims)
-    inner, inner_shift = narrow(_backward_inner(xhat, d, total, projection, n))
-    grad_x = _backward_input(inner, inner_shift, inv, inv_exp, n, scale_shift, x_exp, g_exp, gamma_exp)
+    inner, inner_shift = narrow(backward_inner(xhat, d, total, projection, n))
+    grad_x = backward_input(inner, inner_shift, inv, inv_exp, n, scale_shift, x_exp, g_exp, gamma_exp)
     return grad_x.reshape(g.shape), grad_weight, grad_bias
 
 
-def _backward_sums(m, s1, inv, inv_exp, g, gamma_m, n, c_shift: int, affine_dims: tuple):
+def backward_sums(m, s1, inv, inv_exp, g, gamma_m, n, c_shift: int, affine_dims: tuple):
     """xhat, the affine gradients, d, and the per-group sums of d and d xhat (int64): what
     ranks add to share the backward's statistics."""
     xhat = _xhat(m, s1, inv, inv_exp, n, c_shift)
@@ -191,13 +193,13 @@ def _backward_sums(m, s1, inv, inv_exp, g, gamma_m, n, c_shift: int, affine_dims
     return xhat, grad_weight, grad_bias, d, total, projection
 
 
-def _backward_inner(xhat, d, total, projection, n):
+def backward_inner(xhat, d, total, projection, n):
     """d - mean(d) - xhat mean(d xhat) in FRACTION_BITS units, from the sums over all n values."""
     inner = (d << FRACTION_BITS) - torch.div(total << FRACTION_BITS, n, rounding_mode="floor")
     return inner - round_half_up_shift(xhat * torch.div(projection, n, rounding_mode="floor"), FRACTION_BITS)
 
 
-def _backward_input(inner, inner_shift, inv, inv_exp, n, scale_shift: int, x_exp, g_exp, gamma_exp):
+def backward_input(inner, inner_shift, inv, inv_exp, n, scale_shift: int, x_exp, g_exp, gamma_exp):
     """dx in the (A, G, B) view from ``inner`` narrowed by ``inner_shift`` to OPERAND_BITS."""
     scale = round_half_up_shift(inv * n, scale_shift)
     exponent = inv_exp + scale_shift - x_exp + g_exp + gamma_exp - FRACTION_BITS + inner_shift
@@ -217,29 +219,29 @@ class IntegerNorm(torch.autograd.Function):
     """``grouping`` gives the (A, G, B) view of x and the broadcast shape of the affine terms."""
 
     @staticmethod
-    def forward(fctx, x, weight, bias, ctx, layer, grouping, eps, running, momentum, training):
-        n_ = ctx.numerics
+    def forward(ctx, x, weight, bias, context, layer, grouping, eps, running, momentum, training):
+        n_ = context.numerics
         op = f"{grouping.kind}_norm"
-        xq, finite = ctx.map_with_flag(x, n_.forward_bits, ctx.where(op, "input", layer))
+        xq, finite = context.map_with_flag(x, n_.forward_bits, context.where(op, "input", layer))
         m = grouping.view(xq.mantissa)
         count = m.shape[0] * m.shape[2]
-        c_shift = _centred_shift(count, n_.forward_bits)
+        c_shift = centred_shift(count, n_.forward_bits)
         exponent = torch.full_like(xq.exponent, -FRACTION_BITS)
         gamma = beta = None
         if weight is not None:
-            gamma = map_weight(ctx, weight, ctx.where(op, "weight", layer))
+            gamma = map_weight(context, weight, context.where(op, "weight", layer))
             exponent = exponent + gamma.exponent
         if bias is not None:
-            beta = ctx.map_at(bias, exponent, 2**62, ctx.where(op, "bias", layer))
+            beta = context.map_at(bias, exponent, 2**62, context.where(op, "bias", layer))
         gamma_aff = grouping.affine(gamma.mantissa) if gamma is not None else None
         beta_aff = grouping.affine(beta.mantissa) if beta is not None else None
         if training:
             eps_m, eps_e = fixed_constant(eps * count * count, EPS_BITS) if eps > 0 else (0, 0)
             s1, variance, inv, inv_exp = _batch_statistics(m, xq.exponent, eps_m, eps_e)
-            y = _forward_training(m, s1, inv, inv_exp, count, c_shift, gamma_aff, beta_aff, exponent, x.shape)
+            y = forward_training(m, s1, inv, inv_exp, count, c_shift, gamma_aff, beta_aff, exponent, x.shape)
             stats = (s1, inv, inv_exp)
             if running is not None:
-                _update_running(ctx, running, momentum, s1.flatten(), variance.flatten(), count, xq.exponent, finite)
+                update_running(context, running, momentum, s1.flatten(), variance.flatten(), count, xq.exponent, finite)
         else:
             mean_r, var_r = running
             # The running statistics are finite: a step that met NaN or Inf does not update them.
@@ -248,47 +250,47 @@ class IntegerNorm(torch.autograd.Function):
             mean_fixed, inv, inv_exp = (grouping.stat_view(t) for t in (mean_fixed, inv, inv_exp))
             y = _forward_evaluation(m, xq.exponent, mean_fixed, inv, inv_exp, gamma_aff, beta_aff, exponent, x.shape)
             stats = (mean_fixed, inv, inv_exp)
-        fctx.ctx, fctx.layer, fctx.op, fctx.grouping = ctx, layer, op, grouping
-        fctx.training, fctx.count, fctx.c_shift, fctx.x_shape = training, count, c_shift, x.shape
-        fctx.has = (weight is not None, bias is not None)
+        ctx.context, ctx.layer, ctx.op, ctx.grouping = context, layer, op, grouping
+        ctx.training, ctx.count, ctx.c_shift, ctx.x_shape = training, count, c_shift, x.shape
+        ctx.has = (weight is not None, bias is not None)
         if n_.backward == "float":
-            fctx.save_for_backward(x, weight)
-            fctx.float_args = (eps, running)
+            ctx.save_for_backward(x, weight)
+            ctx.float_args = (eps, running)
         else:
-            fctx.save_for_backward(xq.mantissa, xq.exponent, *stats, gamma.mantissa if gamma is not None else None,
+            ctx.save_for_backward(xq.mantissa, xq.exponent, *stats, gamma.mantissa if gamma is not None else None,
                                    gamma.exponent if gamma is not None else None)
-        ctx.record(op, "forward", True, 2 * x.numel(), layer)
+        context.record(op, "forward", True, 2 * x.numel(), layer)
         return y
 
     @staticmethod
-    def backward(fctx, grad):
-        ctx, layer, op, grouping = fctx.ctx, fctx.layer, fctx.op, fctx.grouping
-        if ctx.numerics.backward == "float":
-            return _float_backward(fctx, grad)
-        mantissa, x_exp, a, inv, inv_exp, gamma_m, gamma_exp = fctx.saved_tensors
-        gq = ctx.map(grad, ctx.numerics.backward_bits, ctx.where(op, "grad_output", layer))
+    def backward(ctx, grad):
+        context, layer, op, grouping = ctx.context, ctx.layer, ctx.op, ctx.grouping
+        if context.numerics.backward == "float":
+            return _float_backward(ctx, grad)
+        mantissa, x_exp, a, inv, inv_exp, gamma_m, gamma_exp = ctx.saved_tensors
+        gq = context.map(grad, context.numerics.backward_bits, context.where(op, "grad_output", layer))
         m = grouping.view(mantissa)
-        has_weight, has_bias = fctx.has
+        has_weight, has_bias = ctx.has
         gamma_aff = grouping.affine(gamma_m) if has_weight else None
         gamma_exp = gamma_exp if has_weight else torch.zeros_like(x_exp)
-        dims = grouping.affine_reduce_dims(len(fctx.x_shape))
-        if fctx.training:
-            grad_x, grad_w, grad_b = _backward_training(m, a, inv, inv_exp, gq.mantissa, gamma_aff, fctx.count,
-                                                        fctx.c_shift, fctx.count.bit_length(), x_exp, gq.exponent,
+        dims = grouping.affine_reduce_dims(len(ctx.x_shape))
+        if ctx.training:
+            grad_x, grad_w, grad_b = _backward_training(m, a, inv, inv_exp, gq.mantissa, gamma_aff, ctx.count,
+                                                        ctx.c_shift, ctx.count.bit_length(), x_exp, gq.exponent,
                                                         gamma_exp, dims)
         else:
             grad_x, grad_w, grad_b = _backward_evaluation(m, x_exp, a, inv, inv_exp, gq.mantissa, gamma_aff,
                                                           gq.exponent, gamma_exp, dims)
         grad_weight = from_fixed(grad_w, gq.exponent - FRACTION_BITS) if has_weight else None
         grad_bias = from_fixed(grad_b, gq.exponent) if has_bias else None
-        ctx.record(op, "backward", True, 4 * grad.numel(), layer)
+        context.record(op, "backward", True, 4 * grad.numel(), layer)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-def _update_running(ctx, running, momentum, s1, variance, count, exponent, finite):
+def update_running(context, running, momentum, s1, variance, count, exponent, finite):
     """running = (1 - momentum) running + momentum batch_stat, in fixed point; the variance
     is the unbiased one, as in PyTorch. A step whose input was not finite changes nothing."""
-    n_ = ctx.numerics
+    n_ = context.numerics
     keep, take = fixed_constant(1.0 - momentum, 24), fixed_constant(momentum, 24)
     # batch mean = s1 / n * 2**exponent, with 24 fractional bits of a mantissa step
     batch_mean = (torch.div(s1 << 24, count, rounding_mode="floor"), exponent - 24)
@@ -300,30 +302,30 @@ def _update_running(ctx, running, momentum, s1, variance, count, exponent, finit
         bm, b_shift = narrow(bm)
         total, grid = add_fixed(old.mantissa.to(torch.int64) * keep[0], old.exponent + keep[1],
                                 bm * take[0], be + b_shift + take[1])
-        new = requantize(total, grid, STATISTICS_BITS, n_.rounding, ctx.key())
+        new = requantize(total, grid, STATISTICS_BITS, n_.rounding, context.key())
         value = from_fixed(new.mantissa, new.exponent).to(buffer.dtype)
         buffer.copy_(torch.where(finite, value, buffer))
 
 
-def _float_backward(fctx, grad):
+def _float_backward(ctx, grad):
     """The int8_fwd ablation: float32 backward of the float norm, on the saved float input."""
-    x, weight = fctx.saved_tensors
-    eps, running = fctx.float_args
-    ctx, layer, op = fctx.ctx, fctx.layer, fctx.op
+    x, weight = ctx.saved_tensors
+    eps, running = ctx.float_args
+    context, layer, op = ctx.context, ctx.layer, ctx.op
     with torch.enable_grad():
         xd = x.detach().requires_grad_()
         wd = weight.detach().requires_grad_() if weight is not None else None
-        bias = torch.zeros_like(wd) if wd is not None and fctx.has[1] else None
+        bias = torch.zeros_like(wd) if wd is not None and ctx.has[1] else None
         if bias is not None:
             bias.requires_grad_()
-        y = fctx.grouping.float_forward(xd, wd, bias, eps, running, fctx.training)
+        y = ctx.grouping.float_forward(xd, wd, bias, eps, running, ctx.training)
         inputs = [t for t in (xd, wd, bias) if t is not None]
         grads = torch.autograd.grad(y, inputs, grad)
-    ctx.record(op, "backward", False, 4 * grad.numel(), layer)
+    context.record(op, "backward", False, 4 * grad.numel(), layer)
     grads = list(grads)
     grad_x = grads.pop(0)
     grad_w = grads.pop(0) if wd is not None else None
-    grad_b = grads.pop(0) if bias is not None else (grad.sum(fctx.grouping.affine_reduce_dims(x.dim())) if fctx.has[1] else None)
+    grad_b = grads.pop(0) if bias is not None else (grad.sum(ctx.grouping.affine_reduce_dims(x.dim())) if ctx.has[1] else None)
     return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
@@ -370,7 +372,7 @@ class _Grouping:
         return F.layer_norm(x, self.shape[-self.normalized_ndim:], weight, bias, eps)
 
 
-def batch_norm(ctx, x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, layer=None):
+def batch_norm(context, x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, layer=None):
     """Integer ``F.batch_norm``: training uses batch statistics and updates the running ones."""
     if x.dim() < 2:
         return None
@@ -378,16 +380,31 @@ def batch_norm(ctx, x, running_mean, running_var, weight=None, bias=None, traini
         training = True  # PyTorch normalises with batch statistics when there are no buffers
     running = (running_mean, running_var) if running_mean is not None else None
     grouping = _Grouping("batch", x.shape)
-    return IntegerNorm.apply(x, weight, bias, ctx, layer or ctx.layer, grouping, eps, running,
+    return IntegerNorm.apply(x, weight, bias, context, layer or context.layer, grouping, eps, running,
                              0.1 if momentum is None else momentum, training)
 
 
-def layer_norm(ctx, x, normalized_shape, weight=None, bias=None, eps=1e-5, layer=None):
+def layer_norm(context, x, normalized_shape, weight=None, bias=None, eps=1e-5, layer=None):
     normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     grouping = _Grouping("layer", x.shape, normalized_ndim=len(normalized_shape))
-    return IntegerNorm.apply(x, weight, bias, ctx, layer or ctx.layer, grouping, eps, None, 0.0, True)
+    return IntegerNorm.apply(x, weight, bias, context, layer or context.layer, grouping, eps, None, 0.0, True)
 
 
-def group_norm(ctx, x, num_groups, weight=None, bias=None, eps=1e-5, layer=None):
+def group_norm(context, x, num_groups, weight=None, bias=None, eps=1e-5, layer=None):
     grouping = _Grouping("group", x.shape, num_groups=num_groups)
-    return IntegerNorm.apply(x, weight, bias, ctx, layer or ctx.layer, grouping, eps, None, 0.0, True)
+    return IntegerNorm.apply(x, weight, bias, context, layer or context.layer, grouping, eps, None, 0.0, True)
+
+
+def _handler(op):
+    def handler(context, *args, **kwargs):
+        if not context.numerics.runs_integer("norm") or not is_float32(args[0]):
+            return FALLBACK
+        y = op(context, *args, **kwargs)
+        return FALLBACK if y is None else y
+
+    return handler
+
+
+implements(F.batch_norm)(_handler(batch_norm))
+implements(F.layer_norm)(_handler(layer_norm))
+implements(F.group_norm)(_handler(group_norm))

@@ -23,25 +23,26 @@ from torch.overrides import handle_torch_function, has_torch_function
 from ..collective import agree_exponents, rank_key
 from ..compiled import fused
 from ..fixed_point import bit_length, fixed_constant, from_fixed, map_at_deferred, mantissa_dtype, qmax
+from ..registry import FALLBACK, implements, is_float32
 from ..rounding import round_half_up_shift
 from . import norm
 from .weights import map_weight
 
 OP = "sync_batch_norm"
-_sums = fused(norm._sums)
-_statistics_from_sums = fused(norm._statistics_from_sums)
-_backward_sums = fused(norm._backward_sums)
-_backward_inner = fused(norm._backward_inner)
-_backward_input = fused(norm._backward_input)
+_sums = fused(norm.group_sums)
+_statistics_from_sums = fused(norm.statistics_from_sums)
+_backward_sums = fused(norm.backward_sums)
+_backward_inner = fused(norm.backward_inner)
+_backward_input = fused(norm.backward_input)
 
 
-def _map_shared(ctx, x, bits: int, group, where: str):
+def _map_shared(context, x, bits: int, group, where: str):
     """x mapped onto the exponent all ranks agree on; the mantissas and that exponent."""
     exponent, finite = agree_exponents([x], bits, group)
     exponent = exponent[0]
-    fp, _ = map_at_deferred(x, exponent, qmax(bits), ctx.numerics.rounding, rank_key(ctx.key(), dist.get_rank(group)))
-    ctx.nonfinite.note(finite, where)  # every rank stops when one met NaN or Inf
-    ctx.count("clamps", fp.clamped)
+    fp, _ = map_at_deferred(x, exponent, qmax(bits), context.numerics.rounding, rank_key(context.key(), dist.get_rank(group)))
+    context.nonfinite.note(finite, where)  # every rank stops when one met NaN or Inf
+    context.count("clamps", fp.clamped)
     return fp.mantissa.to(mantissa_dtype(bits)), exponent, finite
 
 
@@ -54,18 +55,18 @@ def _narrow_shared(v, group):
 
 class IntegerSyncNorm(torch.autograd.Function):
     @staticmethod
-    def forward(fctx, x, weight, bias, ctx, layer, eps, running, momentum, group):
-        bits = ctx.numerics.forward_bits
-        m, x_exp, finite = _map_shared(ctx, x, bits, group, ctx.where(OP, "input", layer))
+    def forward(ctx, x, weight, bias, context, layer, eps, running, momentum, group):
+        bits = context.numerics.forward_bits
+        m, x_exp, finite = _map_shared(context, x, bits, group, context.where(OP, "input", layer))
         m = m.reshape(x.shape[0], x.shape[1], -1)
         exponent = torch.full_like(x_exp, -norm.FRACTION_BITS)
         gamma = beta = None
         affine = (1, -1) + (1,) * (x.dim() - 2)
         if weight is not None:
-            gamma = map_weight(ctx, weight, ctx.where(OP, "weight", layer))
+            gamma = map_weight(context, weight, context.where(OP, "weight", layer))
             exponent = exponent + gamma.exponent
         if bias is not None:
-            beta = ctx.map_at(bias, exponent, 2**62, ctx.where(OP, "bias", layer))
+            beta = context.map_at(bias, exponent, 2**62, context.where(OP, "bias", layer))
         s1, s2 = _sums(m)
         channels = s1.numel()
         # S1, S2 and the count: |S2| <= n qmax**2, int64 for any batch int64 can index.
@@ -75,31 +76,31 @@ class IntegerSyncNorm(torch.autograd.Function):
         count = int(packed[-1])  # the global batch's size: constants of the kernels below
         eps_m, eps_e = fixed_constant(eps * count * count, norm.EPS_BITS) if eps > 0 else (0, 0)
         variance, inv, inv_exp = _statistics_from_sums(s1, s2, count, x_exp, eps_m, eps_e)
-        c_shift = norm._centred_shift(count, bits)
-        y = norm._forward_training(m, s1, inv, inv_exp, count, c_shift,
+        c_shift = norm.centred_shift(count, bits)
+        y = norm.forward_training(m, s1, inv, inv_exp, count, c_shift,
                                    gamma.mantissa.reshape(affine) if gamma is not None else None,
                                    beta.mantissa.reshape(affine) if beta is not None else None, exponent, x.shape)
         if running is not None:
-            norm._update_running(ctx, running, momentum, s1.flatten(), variance.flatten(), count, x_exp, finite)
-        fctx.ctx, fctx.layer, fctx.group, fctx.count, fctx.c_shift = ctx, layer, group, count, c_shift
-        fctx.has = (weight is not None, bias is not None)
-        fctx.save_for_backward(m, x_exp, s1, inv, inv_exp, gamma.mantissa if gamma is not None else None,
+            norm.update_running(context, running, momentum, s1.flatten(), variance.flatten(), count, x_exp, finite)
+        ctx.context, ctx.layer, ctx.group, ctx.count, ctx.c_shift = context, layer, group, count, c_shift
+        ctx.has = (weight is not None, bias is not None)
+        ctx.save_for_backward(m, x_exp, s1, inv, inv_exp, gamma.mantissa if gamma is not None else None,
                                gamma.exponent if gamma is not None else None)
-        ctx.record(OP, "forward", True, 2 * x.numel(), layer)
+        context.record(OP, "forward", True, 2 * x.numel(), layer)
         return y
 
     @staticmethod
-    def backward(fctx, grad):
-        ctx, layer, group, count = fctx.ctx, fctx.layer, fctx.group, fctx.count
-        m, x_exp, s1, inv, inv_exp, gamma_m, gamma_exp = fctx.saved_tensors
-        g, g_exp, _ = _map_shared(ctx, grad, ctx.numerics.backward_bits, group, ctx.where(OP, "grad_output", layer))
-        has_weight, has_bias = fctx.has
+    def backward(ctx, grad):
+        context, layer, group, count = ctx.context, ctx.layer, ctx.group, ctx.count
+        m, x_exp, s1, inv, inv_exp, gamma_m, gamma_exp = ctx.saved_tensors
+        g, g_exp, _ = _map_shared(context, grad, context.numerics.backward_bits, group, context.where(OP, "grad_output", layer))
+        has_weight, has_bias = ctx.has
         affine = (1, -1) + (1,) * (grad.dim() - 2)
         gamma_aff = gamma_m.reshape(affine) if has_weight else None
         gamma_exp = gamma_exp if has_weight else torch.zeros_like(x_exp)
         dims = (0,) + tuple(range(2, grad.dim()))
         xhat, grad_w, grad_b, d, total, projection = _backward_sums(m, s1, inv, inv_exp, g, gamma_aff, count,
-                                                                    fctx.c_shift, dims)
+                                                                    ctx.c_shift, dims)
         channels = total.numel()
         # |sum d| <= n qmax**2 and |sum d xhat| <= n qmax**2 2**(16 + 16) (norm.py): int64.
         packed = torch.cat([total.flatten(), projection.flatten()])
@@ -109,7 +110,7 @@ class IntegerSyncNorm(torch.autograd.Function):
         grad_x = _backward_input(inner, inner_shift, inv, inv_exp, count, count.bit_length(), x_exp, g_exp, gamma_exp)
         grad_weight = from_fixed(grad_w, g_exp - norm.FRACTION_BITS) if has_weight else None
         grad_bias = from_fixed(grad_b, g_exp) if has_bias else None
-        ctx.record(OP, "backward", True, 4 * grad.numel(), layer)
+        context.record(OP, "backward", True, 4 * grad.numel(), layer)
         return grad_x.reshape(grad.shape), grad_weight, grad_bias, None, None, None, None, None, None
 
 
@@ -124,13 +125,13 @@ def sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, ep
     return FloatSyncBatchNorm.apply(input, weight, bias, running_mean, running_var, eps, momentum, group, world_size)
 
 
-def integer_sync_batch_norm(ctx, input, running_mean, running_var, weight, bias, momentum, eps, group, world_size,
+def integer_sync_batch_norm(context, input, running_mean, running_var, weight, bias, momentum, eps, group, world_size,
                             layer=None):
     """``sync_batch_norm`` in integers; None where norm.py would not run it in integers."""
-    if ctx.numerics.backward == "float" or input.dim() < 2:
+    if context.numerics.backward == "float" or input.dim() < 2:
         return None  # the int8_fwd ablation's float backward has no CPU SyncBatchNorm to borrow
     running = (running_mean, running_var) if running_mean is not None else None
-    return IntegerSyncNorm.apply(input, weight, bias, ctx, layer or ctx.layer, eps, running, momentum, group)
+    return IntegerSyncNorm.apply(input, weight, bias, context, layer or context.layer, eps, running, momentum, group)
 
 
 def forward(module: torch.nn.SyncBatchNorm, input: torch.Tensor) -> torch.Tensor:
@@ -154,3 +155,11 @@ def forward(module: torch.nn.SyncBatchNorm, input: torch.Tensor) -> torch.Tensor
                             module.eps)
     return sync_batch_norm(input, running_mean, running_var, module.weight, module.bias, factor, module.eps, group,
                            world_size)
+
+
+@implements(sync_batch_norm)
+def sync_batch_norm_handler(context, input, *args):
+    if not context.numerics.runs_integer("norm") or not is_float32(input):
+        return FALLBACK
+    y = integer_sync_batch_norm(context, input, *args)
+    return FALLBACK if y is None else y

@@ -9,15 +9,15 @@ MASTER_ATTR = "_intrain_master"
 CONTEXT_ATTR = "_intrain_context"
 
 
-def register_context(params, ctx) -> None:
+def register_context(params, context) -> None:
     """Mark ``params`` as belonging to a converted model, so that the optimiser can read that
-    model's deferred non-finite flag before it updates them; ``ctx=None`` removes the mark."""
+    model's deferred non-finite flag before it updates them; ``context=None`` removes the mark."""
     for p in params:
-        if ctx is None:
+        if context is None:
             if hasattr(p, CONTEXT_ATTR):
                 delattr(p, CONTEXT_ATTR)
         else:
-            setattr(p, CONTEXT_ATTR, ctx)
+            setattr(p, CONTEXT_ATTR, context)
 
 
 def contexts_of(params) -> list:
@@ -38,13 +38,13 @@ def master_of(param: torch.Tensor) -> FixedPoint | None:
     return master if version == param._version else None
 
 
-def map_weight(ctx, weight: torch.Tensor, where: str) -> FixedPoint:
+def map_weight(context, weight: torch.Tensor, where: str) -> FixedPoint:
     """The forward copy of a weight: narrowed from the integer master by shifts when IntSGD
     keeps one (docs/numerics-contract.md section 8), else mapped from the float tensor."""
-    bits = ctx.numerics.forward_bits
+    bits = context.numerics.forward_bits
     master = master_of(weight)
     if master is None:
-        return ctx.map(weight, bits, where)
-    fp = requantize(master.mantissa, master.exponent, bits, ctx.numerics.rounding, ctx.key())
-    ctx.count("clamps", fp.clamped)
+        return context.map(weight, bits, where)
+    fp = requantize(master.mantissa, master.exponent, bits, context.numerics.rounding, context.key())
+    context.count("clamps", fp.clamped)
     return fp
