@@ -13,6 +13,10 @@ MM_STAMP := $(VENV)/.installed-openmmlab
 SCALE ?= mini
 # JOBS: runs trained at once, the cores split between them.
 JOBS ?= 1
+# LAUNCHER: local (each run one process here), torchrun (one process per GPU of the row) or slurm
+# (one Slurm job per run; PARTITION=<name> picks the partition).
+LAUNCHER ?= local
+PARTITION ?=
 TABLES := classification detection segmentation ablation
 
 # The main job: ResNet-18 on the embedded digits (16x16: the 8x8 originals lose nothing), fp32
@@ -51,7 +55,8 @@ test: install-openmmlab
 	$(PY) -m pytest -q -n 2 tests
 
 $(addprefix table-,$(TABLES)):
-	$(PY) scripts/run_table.py $(@:table-%=%) --scale $(SCALE) --jobs $(JOBS)
+	$(PY) scripts/run_table.py $(@:table-%=%) --scale $(SCALE) --jobs $(JOBS) --launcher $(LAUNCHER) \
+		$(if $(PARTITION),--partition $(PARTITION))
 
 table-classification table-ablation: install
 table-detection table-segmentation: install-openmmlab

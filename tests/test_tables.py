@@ -158,6 +158,26 @@ def test_a_finished_run_of_another_setting_is_not_taken_as_this_row(tmp_path):
         tables.run_table(table, tmp_path)
 
 
+def test_a_row_whose_gpus_do_not_divide_its_global_batch_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(spec, "TABLES_DIR", tmp_path)
+    monkeypatch.setattr(spec, "TABLES", ("classification",))
+    text = "presets: [fp32]\nscales:\n  mini:\n    rows:\n      resnet18_digits: {gpus: GPUS}\n"
+    (tmp_path / "classification.yaml").write_text(text.replace("GPUS", "4"))  # batch 32
+    assert tables.load_table("classification", "mini").rows[0].gpus == 4
+    (tmp_path / "classification.yaml").write_text(text.replace("GPUS", "3"))
+    with pytest.raises(ValueError, match=r"gpus: 3 does not divide the global trainer.batch_size=32"):
+        tables.load_table("classification", "mini")
+    (tmp_path / "classification.yaml").write_text(text.replace("GPUS", "0"))
+    with pytest.raises(ValueError, match="gpus must be a positive whole number, got 0"):
+        tables.load_table("classification", "mini")
+
+
+def test_paper_rows_state_their_gpus():
+    gpus = {name: {row.gpus for row in tables.load_table(name, "paper").rows} for name in tables.TABLES}
+    assert gpus == {"classification": {1}, "ablation": {1}, "detection": {8}, "segmentation": {4}}
+    assert {row.gpus for name in tables.TABLES for row in tables.load_table(name, "mini").rows} == {1}
+
+
 def test_select_rows_keeps_only_the_named_rows_and_rejects_unknown_ones():
     table = tables.load_table("classification", "mini")
     first = table.rows[0].name
@@ -202,7 +222,7 @@ def _fake_train_command(timeline, fail_run=None):
               "if run_dir.name == fail: print('boom'); sys.exit(3)\n"
               "run_dir.mkdir(parents=True, exist_ok=True)\n")
 
-    def command(row, preset, run_name, extra, runs_dir, resume):
+    def command(row, preset, run_name, extra, runs_dir, resume, launcher=None):
         return [sys.executable, "-c", script, str(runs_dir / row.name / run_name), str(timeline), str(fail_run)]
     return command
 
@@ -262,3 +282,81 @@ def test_the_dry_run_command_builds_a_paper_table_and_a_bad_row_is_one_line(tmp_
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().splitlines() == [refused.stderr.strip()] and "deeplabv3_r50_voc" in refused.stderr
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def _run_table_script(*args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "run_table.py"), *args], capture_output=True,
+                          text=True, cwd=cwd)
+
+
+def test_dry_run_prints_the_torchrun_and_slurm_command_of_every_run_and_runs_nothing(tmp_path):
+    runs = tmp_path / "runs"
+    killed = runs / "faster_rcnn_r50_coco" / "int8"
+    killed.mkdir(parents=True)
+    (killed / "last.ckpt").write_bytes(b"")  # a killed run: its command resumes it
+    done = _run_table_script("detection", "--scale", "paper", "--runs-dir", str(runs), "--launcher", "torchrun",
+                             "--dry-run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 4  # 2 rows x 2 presets
+    train = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node=8 {ROOT / 'train.py'} "
+    assert all(line.startswith(train) for line in lines)
+    assert lines[1] == train + (f"experiment=detection/faster_rcnn_r50_coco numerics=int8 runs_dir={runs} "
+                                "experiment_name=faster_rcnn_r50_coco run_name=int8 trainer.progress_bar=false "
+                                "trainer.resume=true")
+    assert sum("trainer.resume=true" in line for line in lines) == 1
+
+    done = _run_table_script("segmentation", "--scale", "paper", "--runs-dir", str(runs), "--launcher", "slurm",
+                             "--partition", "gpu", "--rows", "deeplabv3_r50_voc", "--dry-run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    slurm = (f"{sys.executable} {ROOT / 'train.py'} -m hydra/launcher=slurm hydra.launcher.nodes=1 "
+             "hydra.launcher.gpus_per_node=4 hydra.launcher.partition=gpu experiment=segmentation/deeplabv3_r50_voc ")
+    assert done.stdout.splitlines() == [slurm + f"numerics={p} runs_dir={runs} experiment_name=deeplabv3_r50_voc "
+                                        f"run_name={p} trainer.progress_bar=false" for p in ("fp32", "int8")]
+    assert sorted(p.relative_to(runs).as_posix() for p in runs.rglob("*")) == [
+        "faster_rcnn_r50_coco", "faster_rcnn_r50_coco/int8", "faster_rcnn_r50_coco/int8/last.ckpt"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--launcher", "mpirun"], "run_table: unknown launcher 'mpirun'; launchers: local, torchrun, slurm"),
+    (["--launcher", "torchrun", "--jobs", "2"], "run_table: --jobs 2 with the torchrun launcher would start 2 runs"),
+    (["--launcher", "torchrun", "--partition", "gpu"], "run_table: a partition is for the slurm launcher"),
+])
+def test_a_bad_launcher_choice_is_one_line_and_exit_1(tmp_path, args, message):
+    refused = _run_table_script("classification", "--scale", "paper", "--runs-dir", str(tmp_path / "runs"), *args,
+                                "--dry-run", cwd=tmp_path)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.startswith(message) and len(refused.stderr.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_slurm_command_gives_hydras_launcher_the_rows_gpus():
+    from hydra import compose, initialize_config_dir
+
+    row = tables.load_table("detection", "paper").rows[0]
+    command = tables.train_command(row, "int8", "int8", (), Path("/runs"), False, launcher=tables.Launcher("slurm"))
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=command[command.index("-m") + 1:], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition is None
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (1, 8, 8)
+    # The one-job sweep writes where the queue looks for the run, with the whole global batch.
+    assert Path(cfg.hydra.sweep.dir) / cfg.hydra.sweep.subdir == Path("/runs/faster_rcnn_r50_coco/int8")
+    assert cfg.trainer.batch_size == 16
+
+
+def test_run_table_starts_each_run_through_its_launcher(tmp_path, monkeypatch):
+    started = []
+
+    def fake_run(command, **kwargs):
+        started.append(command)
+        value = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in command if "=" in a}
+        (Path(value["runs_dir"]) / value["experiment_name"] / value["run_name"]).mkdir(parents=True)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(tables.queue.subprocess, "run", fake_run)
+    table = tables.select_rows(tables.load_table("segmentation", "paper"), ["deeplabv3_r50_cityscapes"])
+    tables.run_table(table, tmp_path, launcher=tables.Launcher("torchrun"))
+    assert [c[:5] for c in started] == [[sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                         "--nproc_per_node=4"]] * 2
+    assert all((tmp_path / "deeplabv3_r50_cityscapes" / p / tables.DONE).is_file() for p in ("fp32", "int8"))

@@ -1,25 +1,26 @@
-"""Training a table: one train.py process per (row, preset, seed), finished runs skipped, killed
-ones resumed, optionally several at once."""
+"""Training a table: one train.py run per (row, preset, seed), started by a launcher (local,
+torchrun, slurm), finished runs skipped, killed ones resumed, optionally several at once."""
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tasks.tables.launchers import Launcher
 from tasks.tables.spec import ROOT, Row, Table
 
 DONE = "DONE"  # written into a run directory once its train.py call finished
 
 
 def train_command(row: Row, preset: str, run_name: str, extra: tuple[str, ...], runs_dir: Path,
-                  resume: bool) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), f"experiment={row.experiment}", *extra, f"numerics={preset}",
-            f"runs_dir={runs_dir}", f"experiment_name={row.name}", f"run_name={run_name}",
-            "trainer.progress_bar=false", *(["trainer.resume=true"] if resume else [])]
+                  resume: bool, launcher: Launcher = Launcher()) -> list[str]:
+    return launcher.command(row, [f"experiment={row.experiment}", *extra, f"numerics={preset}",
+                                  f"runs_dir={runs_dir}", f"experiment_name={row.name}", f"run_name={run_name}",
+                                  "trainer.progress_bar=false", *(["trainer.resume=true"] if resume else [])])
 
 
 def setting(row: Row, extra: tuple[str, ...]) -> str:
@@ -35,7 +36,7 @@ def console_log(run_dir: Path) -> Path:
     return run_dir.with_name(run_dir.name + ".console.log")
 
 
-def pending_runs(table: Table, runs_dir: Path) -> list[tuple]:
+def pending_runs(table: Table, runs_dir: Path, launcher: Launcher = Launcher()) -> list[tuple]:
     """(label, run dir, setting, command, resume) of every run not finished yet."""
     pending = []
     for row in table.rows:
@@ -50,26 +51,34 @@ def pending_runs(table: Table, runs_dir: Path) -> list[tuple]:
                 print(f"{label}: done already ({run_dir})", flush=True)
                 continue
             resume = has_checkpoint(run_dir)
-            command = train_command(row, preset, run_name, extra, runs_dir, resume)
+            command = train_command(row, preset, run_name, extra, runs_dir, resume, launcher=launcher)
             pending.append((label, run_dir, wanted, command, resume))
     return pending
 
 
-def run_table(table: Table, runs_dir: Path, jobs: int = 1) -> None:
+def planned_commands(table: Table, runs_dir: Path, launcher: Launcher) -> list[str]:
+    """The command of every run ``run_table`` would start now, as shell lines; nothing is started."""
+    return [shlex.join(command) for _, _, _, command, _ in pending_runs(table, runs_dir, launcher)]
+
+
+def run_table(table: Table, runs_dir: Path, jobs: int = 1, launcher: Launcher = Launcher()) -> None:
     """Every (row, preset) in order; finished runs are skipped, killed ones resumed.
 
-    With ``jobs`` > 1, that many train.py processes run at once, the cores split evenly between
-    them, each one's console output in ``<run dir>.console.log``. A failed run does not stop the
-    others; the failures are reported together at the end.
+    With ``jobs`` > 1, that many runs are started at once (on this machine: the cores split evenly
+    between them), each one's console output in ``<run dir>.console.log``. A failed run does not
+    stop the others; the failures are reported together at the end.
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
-    pending = pending_runs(table, runs_dir)
+    launcher.check_jobs(jobs)
+    pending = pending_runs(table, runs_dir, launcher)
     if jobs == 1:
         for run in pending:
             train_one(*run)
         return
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    env = dict(os.environ)
+    if launcher.shares_this_machine:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = [(pool.submit(train_one, *run, env=env), run) for run in pending]
     failures = [f"{label} ({future.exception()}; log: {console_log(run_dir)})"
@@ -81,7 +90,7 @@ def run_table(table: Table, runs_dir: Path, jobs: int = 1) -> None:
 
 def train_one(label: str, run_dir: Path, wanted: str, command: list[str], resume: bool,
               env: dict | None = None) -> None:
-    """One train.py call; ``env`` given: a parallel job, its output into the console log."""
+    """One launcher call; ``env`` given: a parallel job, its output into the console log."""
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)  # stopped before its first checkpoint: nothing to keep
     print(f"{label}: {'resuming' if resume else 'training'} -> {run_dir}", flush=True)

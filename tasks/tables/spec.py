@@ -1,4 +1,4 @@
-"""A table as data: its rows (each a Hydra experiment), presets, extra seeds and hardware."""
+"""A table as data: its rows (each a Hydra experiment), presets, extra seeds, GPUs and hardware."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -12,7 +12,7 @@ TABLES_DIR = CONFIGS / "tables"
 TABLES = tuple(sorted(p.stem for p in TABLES_DIR.glob("*.yaml")))
 SCALES = ("mini", "paper")
 REFERENCE = "fp32"  # the preset every delta and trajectory gap is taken against
-ROW_KEYS = ("minutes",)  # besides <preset>_seeds: all a table says of a row; the setting is its experiment
+ROW_KEYS = ("minutes", "gpus")  # besides <preset>_seeds: all a table says of a row; the setting is its experiment
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class Row:
     task: str  # the experiment's task.name
     metric: str  # its task family's validation metric
     minutes: float  # the time estimate printed before training
+    gpus: int = 1  # processes of one run, one per GPU of one node (torchrun, slurm); the batch is split among them
     # Extra seeds per preset (YAML: fp32_seeds, int8_seeds, ...): the spread of a preset over
     # seeds is the noise floor a delta is read against (small data, short schedules).
     seeds: tuple[tuple[str, tuple[int, ...]], ...] = ()
@@ -90,8 +91,15 @@ def load_row(table: str, name: str, values: dict, presets: tuple[str, ...]) -> R
     except HydraException as exc:
         raise ValueError(f"table {table} row {name}: {one_line(exc)}") from exc
     seeds = tuple((p, tuple(int(s) for s in values[f"{p}_seeds"])) for p in presets if values.get(f"{p}_seeds"))
+    gpus = values.get("gpus", 1)
+    batch = int(cfg.trainer.batch_size)
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
+        raise ValueError(f"configs/tables/{table}.yaml row {name}: gpus must be a positive whole number, got {gpus!r}")
+    if batch % gpus:
+        raise ValueError(f"configs/tables/{table}.yaml row {name}: gpus: {gpus} does not divide the global "
+                         f"trainer.batch_size={batch} of configs/experiment/{experiment}.yaml")
     return Row(name, experiment, str(cfg.task.name), OBJECTIVES[cfg.task.family], float(values.get("minutes", 0)),
-               seeds)
+               gpus=gpus, seeds=seeds)
 
 
 def select_rows(table: Table, names: list[str]) -> Table:
