@@ -161,17 +161,18 @@ def summarize(runs: list[Run], smooth: int = DEFAULT_SMOOTH) -> dict:
                 "numerics": run.numerics,
                 "dir": str(run.path),
                 "reference": run is ref,
-                "final": {m: _json_number(v) for m, v in final.items()},
-                "delta": {m: _json_number(v - ref.final(m)) for m, v in final.items()},
-                "trajectory_gap": None if run is ref else _json_number(trajectory_gap(ref, run, smooth)),
-                "final_train_loss": _json_number(train_loss[-smooth:].mean() if len(train_loss) else math.nan),
-                "last_step": _json_number(run.steps()[-1] if run.num_rows else math.nan),
+                "final": {m: json_number(v) for m, v in final.items()},
+                "delta": {m: json_number(v - ref.final(m)) for m, v in final.items()},
+                "trajectory_gap": None if run is ref else json_number(trajectory_gap(ref, run, smooth)),
+                "final_train_loss": json_number(train_loss[-smooth:].mean() if len(train_loss) else math.nan),
+                "last_step": json_number(run.steps()[-1] if run.num_rows else math.nan),
             }
         )
     return {"reference": labels(runs)[runs.index(ref)], "smooth": smooth, "metrics": metrics, "runs": entries}
 
 
-def _json_number(value: float) -> float | None:
+def json_number(value: float) -> float | None:
+    """``value`` as JSON can hold it: NaN and infinities become None."""
     value = float(value)
     return value if math.isfinite(value) else None
 

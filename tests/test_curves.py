@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks import curves
+from tasks import curves, seed_spread
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 50
@@ -137,5 +137,55 @@ def test_cli_names_a_run_dir_without_metrics(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("compare_curves", ROOT / "scripts" / "compare_curves.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    assert cli.main([str(tmp_path / "nope")]) == 2
+    assert cli.main([str(tmp_path / "nope")]) == 1
     assert str(tmp_path / "nope" / "metrics.csv") in capsys.readouterr().err
+
+
+def seed_and_paired_runs(tmp_path, paired_scales):
+    """Three seed runs whose losses are 1.0, 1.1 and 1.2 times one curve, and one paired run each,
+    ``paired_scales`` times its seed run's."""
+    seeds = [write_run(tmp_path / f"p1_s{i}", "int8", loss_scale=s, acc1=a)
+             for i, (s, a) in enumerate([(1.0, 0.90), (1.1, 0.86), (1.2, 0.88)])]
+    paired = [write_run(tmp_path / f"p2_s{i}", "int8", loss_scale=s * f, acc1=0.87)
+              for i, (s, f) in enumerate(zip([1.0, 1.1, 1.2], paired_scales))]
+    return seeds, paired
+
+
+def test_seed_spread_is_every_pair_of_seeds_and_paired_runs_are_set_against_it(tmp_path):
+    seeds, paired = seed_and_paired_runs(tmp_path, [1.05, 1.02, 1.03])
+    summary = seed_spread.summarize([curves.load_run(d) for d in seeds], [curves.load_run(d) for d in paired])
+    assert [(p["reference"], p["run"]) for p in summary["seed_pairs"]] == [
+        ("p1_s0", "p1_s1"), ("p1_s0", "p1_s2"), ("p1_s1", "p1_s2")]
+    assert [p["gap"] for p in summary["seed_pairs"]] == pytest.approx([0.1, 0.2, 0.1 / 1.1])
+    assert summary["seed_gap"]["max"] == pytest.approx(0.2) and summary["seed_gap"]["n"] == 3
+    assert [p["gap"] for p in summary["pairs"]] == pytest.approx([0.05, 0.02, 0.03])
+    assert summary["within_seed_spread"] and summary["paired_below_seed_mean"] == 3
+    assert summary["final_seed_range"]["val/acc1"] == pytest.approx(0.04)
+    assert summary["final_paired_delta"]["val/acc1"]["max"] == pytest.approx(0.03)
+    assert "**within**" in seed_spread.to_markdown(summary)
+
+    seeds, paired = seed_and_paired_runs(tmp_path / "far", [1.05, 1.02, 1.5])
+    summary = seed_spread.summarize([curves.load_run(d) for d in seeds], [curves.load_run(d) for d in paired])
+    assert not summary["within_seed_spread"] and summary["paired_gap"]["max"] == pytest.approx(0.5)
+    assert "**NOT within**" in seed_spread.to_markdown(summary)
+
+
+def test_cli_paired_with_writes_the_seed_spread_and_refuses_a_bad_pairing_in_one_line(tmp_path):
+    seeds, paired = seed_and_paired_runs(tmp_path, [1.05, 1.02, 1.03])
+    script = [sys.executable, str(ROOT / "scripts" / "compare_curves.py")]
+    done = subprocess.run([*script, *map(str, seeds), "--paired-with", *map(str, paired)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    written = json.loads((tmp_path / "comparison-seed-spread.json").read_text())
+    assert written["paired_gap"]["max"] == pytest.approx(0.05) and written["within_seed_spread"]
+    assert "seed to seed" in (tmp_path / "comparison-seed-spread.md").read_text()
+    assert len(json.loads((tmp_path / "comparison.json").read_text())["runs"]) == 6  # every run in the plot
+
+    for seed_dirs, paired_dirs, message in [
+            (seeds, paired[:2], "2 paired runs for 3 seed runs"),
+            (seeds[:1], paired[:1], "a seed spread needs at least 2 runs of different seeds, got 1")]:
+        refused = subprocess.run([*script, *map(str, seed_dirs), "--paired-with", *map(str, paired_dirs),
+                                  "--out", str(tmp_path / "refused")], capture_output=True, text=True, timeout=120)
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"compare_curves: {message}")
+        assert not list(tmp_path.glob("refused*"))
