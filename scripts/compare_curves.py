@@ -9,8 +9,8 @@ Each RUN_DIR holds metrics.csv and config.yaml, as train.py writes them. Writes
 the first run without one). The default prefix is <first RUN_DIR>/../comparison.
 
 With --paired-with, the RUN_DIRs are runs that differ only in their seed, and each paired run
-(one per RUN_DIR, in the same order: the same seed with one thing changed) is set against the
-seed spread: the gap between every two RUN_DIRs. Also writes <prefix>-seed-spread.md and .json.
+(the i-th against the i-th RUN_DIR: the same seed with one thing changed; at most one per
+RUN_DIR) is set against the seed spread: the gap between every two RUN_DIRs. Also writes <prefix>-seed-spread.md and .json.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="output path prefix (default: <first RUN_DIR>/../comparison)")
     parser.add_argument("--smooth", type=int, default=curves.DEFAULT_SMOOTH, help="moving average over N logged steps")
     parser.add_argument("--paired-with", nargs="+", type=Path, default=[], metavar="RUN_DIR",
-                        help="one run per RUN_DIR, set against the RUN_DIRs' seed spread")
+                        help="the i-th paired with the i-th RUN_DIR, set against the RUN_DIRs' seed spread")
     args = parser.parse_args(argv)
     try:
         if args.smooth < 1:

@@ -1,6 +1,7 @@
 """A change set against the seed spread: runs that differ only in their seed give the noise (the
 trajectory gap between every two of them), and each paired run (the same seed, one thing changed,
-e.g. 2 processes instead of 1) is compared with its own seed's run. A change whose gaps stay
+e.g. 2 processes instead of 1) is compared with its own seed's run: the i-th paired run with the
+i-th seed run. A change whose gaps stay
 within the seed-to-seed gaps cannot be told apart from another seed."""
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ def summarize(seed_runs: list[Run], paired_runs: list[Run], smooth: int = DEFAUL
     """Seed-to-seed gaps, paired gaps and final validation metrics, as plain JSON values."""
     if len(seed_runs) < 2:
         raise ValueError(f"a seed spread needs at least 2 runs of different seeds, got {len(seed_runs)}")
-    if len(paired_runs) != len(seed_runs):
-        raise ValueError(f"{len(paired_runs)} paired runs for {len(seed_runs)} seed runs: pair each seed run "
-                         "with exactly one run, in the same order")
+    if not 1 <= len(paired_runs) <= len(seed_runs):
+        raise ValueError(f"{len(paired_runs)} paired runs for {len(seed_runs)} seed runs: pair 1 to "
+                         f"{len(seed_runs)} runs, the i-th with the i-th seed run")
     seed_pairs = [(a, b, trajectory_gap(a, b, smooth)) for a, b in combinations(seed_runs, 2)]
     paired = [(a, b, trajectory_gap(a, b, smooth)) for a, b in zip(seed_runs, paired_runs)]
     seed_gaps, paired_gaps = [g for *_, g in seed_pairs], [g for *_, g in paired]

@@ -169,6 +169,11 @@ def test_seed_spread_is_every_pair_of_seeds_and_paired_runs_are_set_against_it(t
     assert not summary["within_seed_spread"] and summary["paired_gap"]["max"] == pytest.approx(0.5)
     assert "**NOT within**" in seed_spread.to_markdown(summary)
 
+    # Fewer paired runs than seeds: each against the seed run of its position.
+    summary = seed_spread.summarize([curves.load_run(d) for d in seeds], [curves.load_run(paired[0])])
+    assert [(p["reference"], p["run"]) for p in summary["pairs"]] == [("p1_s0", "p2_s0")]
+    assert summary["seed_gap"]["n"] == 3 and summary["paired_gap"]["max"] == pytest.approx(0.05)
+
 
 def test_cli_paired_with_writes_the_seed_spread_and_refuses_a_bad_pairing_in_one_line(tmp_path):
     seeds, paired = seed_and_paired_runs(tmp_path, [1.05, 1.02, 1.03])
@@ -182,7 +187,7 @@ def test_cli_paired_with_writes_the_seed_spread_and_refuses_a_bad_pairing_in_one
     assert len(json.loads((tmp_path / "comparison.json").read_text())["runs"]) == 6  # every run in the plot
 
     for seed_dirs, paired_dirs, message in [
-            (seeds, paired[:2], "2 paired runs for 3 seed runs"),
+            (seeds[:2], paired, "3 paired runs for 2 seed runs"),
             (seeds[:1], paired[:1], "a seed spread needs at least 2 runs of different seeds, got 1")]:
         refused = subprocess.run([*script, *map(str, seed_dirs), "--paired-with", *map(str, paired_dirs),
                                   "--out", str(tmp_path / "refused")], capture_output=True, text=True, timeout=120)
