@@ -13,7 +13,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 # Each op file registers its handlers when imported.
-from .ops import add, attention, conv, linear, matmul, norm, pool, sync_norm  # noqa: F401
+from .ops import activation, add, attention, conv, linear, matmul, norm, pool, sync_norm  # noqa: F401
 from .registry import FALLBACK, HANDLERS
 
 # Ops that move or select data, or only read metadata: nothing to convert, nothing to report.

@@ -1,0 +1,35 @@
+"""ReLU that keeps a one-byte mask for its backward instead of its float32 output.
+
+ReLU needs no arithmetic (docs/numerics-contract.md section 7), but PyTorch's saves its float
+output for the backward, and in a converted model that output is the only activation-size
+float kept alive between the forward and the backward (the integer ops save int8 mantissas).
+``F.relu(x, inplace=True)`` returns a new tensor: a model that uses the return value, as
+torchvision's and timm's do, sees no difference. ``x.relu_()`` stays PyTorch's own.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..registry import FALLBACK, implements, is_float32
+
+
+class MaskedReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.relu(x)
+        ctx.save_for_backward(y <= 0)  # PyTorch's rule: a NaN output passes its gradient on
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (blocked,) = ctx.saved_tensors
+        return torch.where(blocked, 0, grad)  # not grad * mask: Inf * 0 would be NaN
+
+
+@implements(F.relu, torch.relu, torch.Tensor.relu)
+def relu(context, x, inplace=False):
+    if not (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad and is_float32(x)):
+        return FALLBACK
+    context.record("relu", "forward", "exact")
+    return MaskedReLU.apply(x)
