@@ -24,12 +24,14 @@ def params(dtype):
 
 def master_values(p):
     m = master_of(p)
+    if m is None:  # never updated: the parameter itself
+        return p.detach().double()
     return m.mantissa.double() * 2.0**m.exponent
 
 
-def run_pair(options, master_bits=32, groups=False, scheduler=None, steps=STEPS):
+def run_pair(options, master_bits=32, groups=False, scheduler=None, steps=STEPS, absent=lambda step, i: False):
     """Run IntSGD and a float64 torch SGD on the same gradients; return the largest error of
-    each parameter and its derived bound."""
+    each parameter and its derived bound. ``absent(step, i)``: parameter i has no gradient."""
     numerics = dataclasses.replace(Numerics.preset("int8"), master_bits=master_bits)
     ours, ref = params(torch.float32), params(torch.float64)
 
@@ -50,14 +52,16 @@ def run_pair(options, master_bits=32, groups=False, scheduler=None, steps=STEPS)
     unit = 2.0 ** -(master_bits - 2)
     coefficient_error = 3 * 2.0 ** -coefficient_bits(master_bits)
     bounds = [0.0] * len(SHAPES)
-    for step_grads in gradients()[:steps]:
-        for p, q, g in zip(ours, ref, step_grads):
-            p.grad, q.grad = g.clone(), g.double()
+    for step, step_grads in enumerate(gradients()[:steps]):
+        for i, (p, q, g) in enumerate(zip(ours, ref, step_grads)):
+            p.grad, q.grad = (None, None) if absent(step, i) else (g.clone(), g.double())
         opt.step()
         ref_opt.step()
         for s in scheds:
             s.step()
         for i, (q, g) in enumerate(zip(ref, step_grads)):
+            if absent(step, i):
+                continue
             lr = max(group["lr"] for group in ref_opt.param_groups)
             d_size = (g.abs().max().item() + options.get("weight_decay", 0.0) * q.abs().max().item()) / (1 - mu)
             bounds[i] += unit * (2 * q.abs().max().item() + 4 * lr * d_size) + coefficient_error * lr * d_size
@@ -92,6 +96,15 @@ def test_param_groups_and_scheduler():
     )
     assert all(e <= b for e, b in zip(errors, bounds)), (errors, bounds)
     assert opt.param_groups[1]["lr"] < opt.param_groups[0]["lr"] < 0.2
+
+
+def test_parameters_without_gradients_are_skipped_and_join_later():
+    """torch semantics: no update without a gradient; a late parameter starts its own momentum."""
+    initial = [p.detach().clone() for p in params(torch.float32)]
+    _, _, held, _ = run_pair(CASES["momentum"], steps=5, absent=lambda step, i: i == 1)
+    assert torch.equal(held[1].detach(), initial[1]) and not torch.equal(held[0].detach(), initial[0])
+    errors, bounds, _, _ = run_pair(CASES["momentum"], absent=lambda step, i: i == 1 and step < STEPS // 2)
+    assert all(e <= b for e, b in zip(errors, bounds)), (errors, bounds)
 
 
 def test_sixteen_bit_masters_are_measurably_worse():
