@@ -22,7 +22,7 @@ TABLES := classification detection segmentation ablation
 # The main job: ResNet-18 on the embedded digits (16x16: the 8x8 originals lose nothing), fp32
 # and int8 with the same seed and data order, then both curves in one plot. Each call starts a
 # new experiment directory.
-DEMO_EPOCHS ?= 3
+DEMO_EPOCHS ?= 2
 DEMO := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
 install: $(STAMP)
