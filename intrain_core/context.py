@@ -13,8 +13,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from .backends import get_backend
+from .collective import rank_key
 from .fixed_point import FixedPoint, NonFiniteError, map_at_deferred, map_deferred, nonfinite_message, qmax
 from .rounding import RoundingStream
 
@@ -73,8 +75,13 @@ class IntegerContext:
 
     # --- randomness and state ------------------------------------------------------------
     def key(self) -> torch.Tensor:
-        """The key of the next stochastic rounding."""
-        return self.stream.next_key()
+        """The key of the next stochastic rounding. Under torch.distributed every rank draws its
+        own bits from the shared counter: ranks map different data, and shared draws would
+        correlate their rounding errors, which the gradient all-reduce adds up."""
+        key = self.stream.next_key()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return rank_key(key, dist.get_rank())
+        return key
 
     def counter_values(self) -> dict[str, int]:
         return {k: int(v) for k, v in self.counters.items()}

@@ -8,6 +8,7 @@ import torch.distributed as dist
 import intrain_core as ic
 from intrain_core.distributed import (IntegerAllreduce, accumulator_dtype, allreduce_bytes, headroom_bits,
                                       register_integer_allreduce, uses_integer_allreduce)
+from intrain_core.convert import context_of
 from intrain_core.fixed_point import from_fixed, to_fixed_at
 from intrain_core.rounding import RoundingStream, stream_key
 from ranks import run_ranks
@@ -129,6 +130,21 @@ def test_ranks_hold_bit_identical_weights_after_every_step_and_repeat():
     sent = first[0]["bytes"]
     params = sum(p.numel() for p in _tiny_model().parameters())
     assert sent["float32"] == 4 * params and 1.0 < sent["ratio"] < 1.2  # int32 mantissas plus exponents
+
+
+def _rounding_keys(rank, world_size):
+    context = context_of(ic.convert(_tiny_model(), "int8"))
+    return [int(context.key()) for _ in range(3)]
+
+
+def test_each_rank_draws_its_own_rounding_keys():
+    """Ranks map different data: their forward and backward roundings draw independent bits
+    from the shared counter; one process keeps the plain stream."""
+    keys = run_ranks(_rounding_keys, 2)
+    plain = context_of(ic.convert(_tiny_model(), "int8"))
+    single = [int(plain.key()) for _ in range(3)]
+    assert len({tuple(keys[0]), tuple(keys[1]), tuple(single)}) == 3
+    assert len(set(keys[0]) & set(keys[1])) == 0
 
 
 def test_allreduce_choice_and_byte_estimate():
