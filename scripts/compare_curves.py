@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     print(curves.to_markdown(summary))
     if spread is not None:
         print(seed_spread.to_markdown(spread))
-        written += seed_spread.write(spread, prefix.with_name(prefix.name + "-seed-spread"))
+        written += curves.write_summary(spread, prefix.with_name(prefix.name + "-seed-spread"), seed_spread.to_markdown)
     print("wrote " + ", ".join(map(str, written)))
     return 0
 

@@ -203,12 +203,12 @@ def _fmt(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
-def write_summary(summary: dict, prefix: str | Path) -> tuple[Path, Path]:
-    """``<prefix>.md`` and ``<prefix>.json``."""
+def write_summary(summary: dict, prefix: str | Path, render=to_markdown) -> tuple[Path, Path]:
+    """``<prefix>.md`` (``render(summary)``) and ``<prefix>.json``."""
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     md_path, json_path = prefix.with_name(prefix.name + ".md"), prefix.with_name(prefix.name + ".json")
-    md_path.write_text(to_markdown(summary))
+    md_path.write_text(render(summary))
     json_path.write_text(json.dumps(summary, indent=2) + "\n")
     return md_path, json_path
 

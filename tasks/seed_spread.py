@@ -5,9 +5,7 @@ i-th seed run. A change whose gaps stay
 within the seed-to-seed gaps cannot be told apart from another seed."""
 from __future__ import annotations
 
-import json
 from itertools import combinations
-from pathlib import Path
 
 import numpy as np
 
@@ -77,13 +75,3 @@ def to_markdown(summary: dict) -> str:
 
 def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.4g}"
-
-
-def write(summary: dict, prefix: str | Path) -> tuple[Path, Path]:
-    """``<prefix>.md`` and ``<prefix>.json``."""
-    prefix = Path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    md_path, json_path = prefix.with_name(prefix.name + ".md"), prefix.with_name(prefix.name + ".json")
-    md_path.write_text(to_markdown(summary))
-    json_path.write_text(json.dumps(summary, indent=2) + "\n")
-    return md_path, json_path
