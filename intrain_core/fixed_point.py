@@ -138,13 +138,22 @@ def map_deferred(x: torch.Tensor, bits: int, rounding: str, key: int) -> tuple[F
     return FixedPoint(m, exponent, bits, clamped), finite
 
 
+@fused
+def from_fixed_kernel(acc: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    # Contiguous: a channels-last accumulator (an int_mm convolution) is reordered in this
+    # same pass, since the norms that follow reduce per channel far faster over NCHW.
+    return scale_by_pow2(acc.to(torch.float32), exponent).contiguous()
+
+
 def from_fixed(acc: torch.Tensor, exponent) -> torch.Tensor:
-    """The float32 nearest to ``acc * 2**exponent`` (ties to even).
+    """The float32 nearest to ``acc * 2**exponent`` (ties to even), in a contiguous tensor.
 
     Integer-to-float32 conversion rounds to nearest even in one step; the power-of-two scale
     is then exact. Agrees bit for bit with ``backends.reference.from_fixed_bitwise``.
     """
-    return scale_by_pow2(acc.to(torch.float32), exponent)
+    if not isinstance(exponent, torch.Tensor):
+        exponent = torch.tensor(exponent, dtype=torch.int64, device=acc.device)
+    return from_fixed_kernel(acc, exponent)
 
 
 @fused

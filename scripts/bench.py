@@ -17,8 +17,8 @@ line, keyed by model name):
   same parameters and gradients;
 - ``non_gemm_share``: the share of the int8 step's self time outside GEMM and convolution
   kernels (torch.profiler, one step);
-- ``cpu``: the instruction-set level PyTorch reports; ``kernels``: the GEMM and convolution
-  kernels the native backend chose.
+- ``cpu``: the instruction-set level PyTorch reports; ``kernels``: the GEMM kernel the native
+  backend chose, and the count of convolution shape classes that chose each kernel.
 """
 from __future__ import annotations
 
@@ -151,9 +151,13 @@ def _non_gemm_share(step) -> float:
 
 
 def _kernels(device: str) -> dict:
-    from intrain_core.backends.native import gemm_kernel
+    """The GEMM kernel, and how many convolution shape classes (forward, input and weight
+    gradients) chose each kernel."""
+    from collections import Counter
 
-    return {"gemm": gemm_kernel(device), "conv": "float_exact"}
+    from intrain_core.backends.native import conv_choices, gemm_kernel
+
+    return {"gemm": gemm_kernel(device), "conv": dict(Counter(conv_choices.values()))}
 
 
 def run_isolated(model_name: str, numerics_name: str, steps: int, device: str) -> dict | None:

@@ -228,3 +228,78 @@ def test_broadcast_add_gradient_is_an_integer_sum_within_bound():
     assert ((b.grad - grad.sum(0, keepdim=True)).abs() <= 6 * step(grad, 8)).all()
     assert ctx.ops  # the backward sum was logged as integer
     assert any(k.phase == "backward" and k.arithmetic == "integer" for k in ctx.ops)
+
+
+# Geometries of the int8 GEMM convolutions (backends/im2col.py): strides that leave input rows
+# no output reads, a 7x7 stem, a strided 1x1 downsample, dilation, uneven kernels, and padding
+# past the kernel's reach (its input gradient falls back to the float kernel).
+IM2COL_CASES = {
+    "3x3": ((2, 8, 9, 9), (6, 8, 3, 3), dict(stride=1, padding=1)),
+    "stride_uncovered_rows": ((2, 4, 12, 12), (6, 4, 3, 3), dict(stride=2, padding=0)),
+    "stem_7x7": ((2, 3, 15, 15), (5, 3, 7, 7), dict(stride=2, padding=3)),
+    "downsample_1x1": ((2, 4, 10, 12), (6, 4, 1, 1), dict(stride=2, padding=0)),
+    "dilated_uneven": ((2, 4, 9, 10), (6, 4, 3, 2), dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2))),
+    "padding_past_reach": ((1, 3, 6, 6), (2, 3, 1, 1), dict(stride=1, padding=1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IM2COL_CASES))
+def test_int_mm_convolutions_match_reference(name, monkeypatch):
+    from intrain_core.backends import im2col
+
+    x_shape, w_shape, geometry = IM2COL_CASES[name]
+    inputs = random_inputs([x_shape, w_shape], 1)
+    grad = torch.randn_like(F.conv2d(*inputs, **geometry))
+    calls = []
+    for kind in ("conv2d", "conv2d_input", "conv2d_weight"):
+        kernel = getattr(im2col, kind)
+        monkeypatch.setattr(im2col, kind, lambda *a, _k=kernel, _n=kind: calls.append(_n) or _k(*a))
+    op = lambda c, x, w: conv.conv2d(c, x, w, None, **geometry)
+    monkeypatch.setenv("INTRAIN_CONV_KERNEL", "int_mm")
+    y_native, g_native = run(op, make_ctx("native"), inputs, grad)
+    assert sorted(calls) == ["conv2d", "conv2d_input", "conv2d_weight"]
+    y_ref, g_ref = run(op, make_ctx("reference"), inputs, grad)
+    assert torch.equal(y_native, y_ref) and y_native.is_contiguous()
+    for a, b in zip(g_native, g_ref, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_int_mm_conv_transpose_matches_reference(monkeypatch):
+    inputs = random_inputs([(2, 6, 5, 5), (6, 3, 3, 3)], 2)
+    op = lambda c, x, w: conv.conv_transpose2d(c, x, w, None, 2, 1, 1)
+    grad = torch.randn_like(F.conv_transpose2d(*inputs, None, 2, 1, 1))
+    monkeypatch.setenv("INTRAIN_CONV_KERNEL", "int_mm")
+    y_native, g_native = run(op, make_ctx("native"), inputs, grad)
+    y_ref, g_ref = run(op, make_ctx("reference"), inputs, grad)
+    assert torch.equal(y_native, y_ref)
+    for a, b in zip(g_native, g_ref, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_weight_gradient_past_int32_sums_blocks_exactly(monkeypatch):
+    """A weight gradient over more products than int32 holds sums int32 blocks into int64."""
+    from intrain_core.backends import im2col, reference
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.full((40, 1, 60, 60), 127, dtype=torch.int8)
+    g = torch.randint(120, 128, (40, 1, 60, 60), dtype=torch.int8, generator=gen)
+    bound = 127 * 127
+    assert 40 * 3600 * bound > 2**31  # one int32 sum would overflow
+    monkeypatch.setattr(im2col, "BLOCK_BYTES", 1 << 30)  # so only the int32 bound splits the blocks
+    dw = im2col.conv2d_weight(x, (1, 1, 1, 1), g, (1, 1), (0, 0), (1, 1), bound, torch.int64)
+    expected = reference.conv2d_weight(x, (1, 1, 1, 1), g, (1, 1), (0, 0), (1, 1), 1, bound, torch.int64)
+    assert dw.dtype == torch.int64 and torch.equal(dw, expected) and int(dw) > 2**31
+
+
+def test_int_mm_sums_exactly_whatever_the_operand_strides():
+    """Rows and columns of one element with any stride, transposed operands, int8 extremes."""
+    from intrain_core.backends.int_mm import int_mm
+
+    gen = torch.Generator().manual_seed(4)
+    for m, k, n in [(1, 1, 3), (1, 5, 1), (3, 1, 1), (1, 7, 4), (4, 7, 1), (17, 64, 3)]:
+        a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=gen)
+        b = torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=gen)
+        expected = a.long() @ b.long()
+        for a_form in (a, a.t().contiguous().t(), a.as_strided(a.shape, (1, 1)) if 1 in a.shape else a):
+            for b_form in (b, b.t().contiguous().t(), b.as_strided(b.shape, (1, 1)) if 1 in b.shape else b):
+                assert torch.equal(int_mm(a_form, b_form).long(), expected), (m, k, n, a_form.stride(), b_form.stride())

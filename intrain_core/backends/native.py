@@ -11,7 +11,12 @@ Two ways to get exact integer sums at speed:
   would be longer, float64 (53-bit significand) is used instead.
 On CPUs without int8 dot-product instructions ``torch._int_mm`` falls back to scalar code
 (measured 20-40x slower than float32 GEMM on the AVX2 machine this project is developed on),
-so the kernel is chosen by a one-time measurement. Both give the same integers.
+so the GEMM kernel is chosen by a one-time measurement. Both give the same integers.
+
+Convolutions with int8 operands and one group can also run as ``int_mm`` GEMMs of their patches
+(``im2col``). Which is faster depends on the shape as much as on the CPU (patch copies against
+the float unit's direct convolution), so the first call of each shape class runs and times
+both, and that class keeps the faster.
 """
 from __future__ import annotations
 
@@ -22,6 +27,9 @@ import time
 import torch
 from torch.nn.grad import conv2d_input as _conv2d_input
 from torch.nn.grad import conv2d_weight as _conv2d_weight
+
+from . import im2col
+from .int_mm import int_mm
 
 FLOAT32_EXACT = 2**24
 FLOAT64_EXACT = 2**53
@@ -90,7 +98,7 @@ def _int_mm_ok(a: torch.Tensor, b: torch.Tensor, product_bound: int, acc_dtype: 
 def matmul(a: torch.Tensor, b: torch.Tensor, product_bound: int, acc_dtype: torch.dtype) -> torch.Tensor:
     """Exact ``a @ b`` of integer tensors, broadcast like torch.matmul."""
     if gemm_kernel(a.device.type) == "int_mm" and _int_mm_ok(a, b, product_bound, acc_dtype):
-        return torch._int_mm(a.contiguous(), b)
+        return int_mm(a.contiguous(), b)
     k = a.shape[-1]
     dtype, chunk = _exact_float(1, product_bound)
     if k <= chunk:
@@ -107,8 +115,79 @@ def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+KERNELS = ("int_mm", "float_exact")
+# Shape class -> chosen kernel, measured at the class's first call in this process.
+conv_choices: dict[tuple, str] = {}
+
+
+def _best_of_two(fn, repeats: int = 2) -> float:
+    fn()  # one-time costs: kernel creation, first touch of the output's pages
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _conv_kernel(shape_class: tuple, device: torch.device, run_int, run_float) -> str:
+    forced = os.environ.get("INTRAIN_CONV_KERNEL")
+    if forced:
+        if forced not in KERNELS:
+            raise ValueError(f"INTRAIN_CONV_KERNEL={forced!r}: use int_mm or float_exact")
+        return forced
+    choice = conv_choices.get(shape_class)
+    if choice is None:
+        if device.type == "cuda":
+            choice = "int_mm"
+        elif gemm_kernel(device.type) != "int_mm":
+            choice = "float_exact"
+        else:
+            choice = "int_mm" if _best_of_two(run_int) < _best_of_two(run_float) else "float_exact"
+        conv_choices[shape_class] = choice
+    return choice
+
+
+def _conv(kind: str, int_args: tuple, float_fn, float_args: tuple, operands, geometry):
+    """The chosen kernel's result; ``int_fn`` returning None means the shape needs the float one."""
+    int_fn = getattr(im2col, kind)
+    shape_class = (kind, *(tuple(t.shape) for t in operands), *geometry)
+    choice = _conv_kernel(shape_class, operands[0].device, lambda: int_fn(*int_args), lambda: float_fn(*float_args))
+    if choice == "int_mm":
+        result = int_fn(*int_args)
+        if result is not None:
+            return result
+    return float_fn(*float_args)
+
+
 def conv2d(x, w, stride, padding, dilation, groups, product_bound, acc_dtype):
-    """Exact integer convolution; the reduction (in-channels x taps) split over in-channels."""
+    """Exact integer convolution: ``int_mm`` on patches, or float with the reduction split."""
+    if im2col.supported(x, w, groups, acc_dtype):
+        return _conv("conv2d", (x, w, stride, padding, dilation), _conv2d_float,
+                     (x, w, stride, padding, dilation, groups, product_bound, acc_dtype), (x, w), (stride, padding, dilation))
+    return _conv2d_float(x, w, stride, padding, dilation, groups, product_bound, acc_dtype)
+
+
+def conv2d_input(input_shape, w, g, stride, padding, dilation, groups, product_bound, acc_dtype):
+    """Exact input gradient: ``int_mm`` on the stuffed gradient's patches, or float."""
+    args = (input_shape, w, g, stride, padding, dilation)
+    if im2col.supported(g, w, groups, acc_dtype):
+        return _conv("conv2d_input", args, _conv2d_input_float, (*args, groups, product_bound, acc_dtype), (g, w),
+                     (tuple(input_shape), stride, padding, dilation))
+    return _conv2d_input_float(*args, groups, product_bound, acc_dtype)
+
+
+def conv2d_weight(x, w_shape, g, stride, padding, dilation, groups, product_bound, acc_dtype):
+    """Exact weight gradient: ``int_mm`` of patches and gradient in int32 blocks, or float."""
+    if im2col.supported(x, g, groups, torch.int32):
+        return _conv("conv2d_weight", (x, w_shape, g, stride, padding, dilation, product_bound, acc_dtype),
+                     _conv2d_weight_float, (x, w_shape, g, stride, padding, dilation, groups, product_bound, acc_dtype),
+                     (x, g), (tuple(w_shape), stride, padding, dilation))
+    return _conv2d_weight_float(x, w_shape, g, stride, padding, dilation, groups, product_bound, acc_dtype)
+
+
+def _conv2d_float(x, w, stride, padding, dilation, groups, product_bound, acc_dtype):
+    """The reduction (in-channels x taps) split over in-channels."""
     taps = w.shape[2] * w.shape[3]
     cin_g = w.shape[1]
     dtype, chunk = _exact_float(taps, product_bound)
@@ -127,8 +206,8 @@ def conv2d(x, w, stride, padding, dilation, groups, product_bound, acc_dtype):
     return acc
 
 
-def conv2d_input(input_shape, w, g, stride, padding, dilation, groups, product_bound, acc_dtype):
-    """Exact input gradient; the reduction (out-channels x taps) split over out-channels."""
+def _conv2d_input_float(input_shape, w, g, stride, padding, dilation, groups, product_bound, acc_dtype):
+    """The reduction (out-channels x taps) split over out-channels."""
     taps = w.shape[2] * w.shape[3]
     cout_g = w.shape[0] // groups
     dtype, chunk = _exact_float(taps, product_bound)
@@ -149,8 +228,8 @@ def conv2d_input(input_shape, w, g, stride, padding, dilation, groups, product_b
     return acc
 
 
-def conv2d_weight(x, w_shape, g, stride, padding, dilation, groups, product_bound, acc_dtype):
-    """Exact weight gradient; the reduction (batch x output positions) split over the batch."""
+def _conv2d_weight_float(x, w_shape, g, stride, padding, dilation, groups, product_bound, acc_dtype):
+    """The reduction (batch x output positions) split over the batch."""
     positions = g.shape[2] * g.shape[3]
     dtype, chunk = _exact_float(positions, product_bound)
     images = chunk // positions

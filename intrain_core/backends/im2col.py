@@ -1,0 +1,120 @@
+"""Exact int8 convolutions as ``torch._int_mm`` GEMMs (int8 x int8 -> int32).
+
+A convolution is a GEMM of its input's patches (im2col) with its weight. The patches are a
+strided view of the zero-padded input in channels-last order, copied one block of images at a
+time so the int8 copy stays a few MiB. Outputs are int32 in channels-last order, returned as
+NCHW-shaped views (``permute``), so the next op reads them without a transposing copy.
+
+The input gradient is the convolution of the output gradient, zero-stuffed by the stride and
+padded by ``dilation * (k - 1) - padding``, with the weight flipped in space and transposed in
+channels. The weight gradient is patches-transposed times output gradient, its reduction
+(images x output positions) summed in int32 one block at a time, within int32's bound.
+Only ``groups == 1`` and int8 mantissas take this path; ``native`` keeps the float kernels
+for the rest.
+"""
+from __future__ import annotations
+
+import torch
+
+from .int_mm import int_mm
+
+INT32_MAX = 2**31 - 1
+# Patch rows copied per block: keeps the int8 copy near 8 MiB, under glibc's mmap threshold,
+# so a block reuses freed memory instead of faulting in fresh pages.
+BLOCK_BYTES = 8 << 20
+
+
+def supported(a: torch.Tensor, b: torch.Tensor, groups: int, acc_dtype: torch.dtype) -> bool:
+    """int8 operands, one group, and a reduction whose sums the caller found within int32."""
+    return groups == 1 and a.dtype == torch.int8 and b.dtype == torch.int8 and acc_dtype == torch.int32
+
+
+def _padded_nhwc(x: torch.Tensor, pad_h: tuple[int, int], pad_w: tuple[int, int]) -> torch.Tensor:
+    """``x`` (NCHW) zero-padded, in a contiguous NHWC buffer."""
+    n, c, h, w = x.shape
+    out = x.new_zeros(n, h + sum(pad_h), w + sum(pad_w), c)
+    out[:, pad_h[0]:pad_h[0] + h, pad_w[0]:pad_w[0] + w] = x.permute(0, 2, 3, 1)
+    return out
+
+
+def _patches(xp: torch.Tensor, kernel, out_hw, stride, dilation) -> torch.Tensor:
+    """The strided patch view (N, OH, OW, KH, KW, C) of padded NHWC ``xp``."""
+    sn, sh, sw, sc = xp.stride()
+    shape = (xp.shape[0], *out_hw, *kernel, xp.shape[3])
+    strides = (sn, sh * stride[0], sw * stride[1], sh * dilation[0], sw * dilation[1], sc)
+    return xp.as_strided(shape, strides)
+
+
+def _images_per_block(row_bytes: int, rows_per_image: int, images: int) -> int:
+    return max(1, min(images, BLOCK_BYTES // max(1, row_bytes * rows_per_image)))
+
+
+def _out_size(size, k, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+def conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
+    """int32 ``conv2d(x, w)`` of int8 NCHW ``x`` and int8 ``w``; channels-last strides."""
+    n, cin, h, wd = x.shape
+    cout, _, kh, kw = w.shape
+    out_hw = (_out_size(h, kh, stride[0], padding[0], dilation[0]), _out_size(wd, kw, stride[1], padding[1], dilation[1]))
+    xp = _padded_nhwc(x, (padding[0],) * 2, (padding[1],) * 2)
+    return _conv_padded(xp, w, out_hw, stride, dilation)
+
+
+def _conv_padded(xp: torch.Tensor, w: torch.Tensor, out_hw, stride, dilation) -> torch.Tensor:
+    n, cin = xp.shape[0], xp.shape[3]
+    cout, _, kh, kw = w.shape
+    reduction = kh * kw * cin
+    weight = w.permute(2, 3, 1, 0).reshape(reduction, cout)  # rows ordered (kh, kw, cin) as patches
+    patches = _patches(xp, (kh, kw), out_hw, stride, dilation)
+    positions = out_hw[0] * out_hw[1]
+    out = torch.empty(n * positions, cout, dtype=torch.int32, device=xp.device)
+    step = _images_per_block(reduction, positions, n)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        block = patches[start:stop].reshape((stop - start) * positions, reduction)
+        int_mm(block, weight, out=out[start * positions:stop * positions])
+    return out.view(n, *out_hw, cout).permute(0, 3, 1, 2)
+
+
+def conv2d_input(input_shape, w: torch.Tensor, g: torch.Tensor, stride, padding, dilation) -> torch.Tensor | None:
+    """int32 input gradient of ``conv2d`` for int8 ``w`` and output gradient ``g``; None where
+    the padding exceeds the kernel's reach (``native`` then uses its float kernel)."""
+    n, cin, h, wd = input_shape
+    kh, kw = w.shape[2:]
+    reach = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))
+    if padding[0] > reach[0] or padding[1] > reach[1]:
+        return None
+    oh, ow = g.shape[2:]
+    stuffed = ((oh - 1) * stride[0] + 1, (ow - 1) * stride[1] + 1)
+    # Before: reach - padding; after: what makes the stride-1 output exactly the input size.
+    pad_h = (reach[0] - padding[0], h - stuffed[0] + padding[0])
+    pad_w = (reach[1] - padding[1], wd - stuffed[1] + padding[1])
+    gp = g.new_zeros(n, stuffed[0] + sum(pad_h), stuffed[1] + sum(pad_w), g.shape[1])
+    gp[:, pad_h[0]:pad_h[0] + stuffed[0]:stride[0], pad_w[0]:pad_w[0] + stuffed[1]:stride[1]] = g.permute(0, 2, 3, 1)
+    flipped = w.flip(2, 3).transpose(0, 1)
+    return _conv_padded(gp, flipped, (h, wd), (1, 1), dilation)
+
+
+def conv2d_weight(x: torch.Tensor, w_shape, g: torch.Tensor, stride, padding, dilation, product_bound: int,
+                  acc_dtype: torch.dtype) -> torch.Tensor | None:
+    """Weight gradient of ``conv2d`` in ``acc_dtype``: patches of int8 ``x`` transposed times int8
+    output gradient ``g``, summed over blocks of images that each stay within int32."""
+    cout, cin, kh, kw = w_shape
+    n = x.shape[0]
+    out_hw = tuple(g.shape[2:])
+    positions = out_hw[0] * out_hw[1]
+    reduction = kh * kw * cin
+    xp = _padded_nhwc(x, (padding[0],) * 2, (padding[1],) * 2)
+    patches = _patches(xp, (kh, kw), out_hw, stride, dilation)
+    g_rows = g.permute(0, 2, 3, 1).reshape(n * positions, cout)
+    exact_images = max(1, INT32_MAX // (product_bound * positions))
+    step = min(_images_per_block(reduction, positions, n), exact_images)
+    acc = None
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        block = patches[start:stop].reshape((stop - start) * positions, reduction)
+        part = int_mm(block.t(), g_rows[start * positions:stop * positions])
+        acc = part.to(acc_dtype) if acc is None else acc.add_(part)
+    return acc.view(kh, kw, cin, cout).permute(3, 2, 0, 1)
