@@ -139,21 +139,25 @@ def map_deferred(x: torch.Tensor, bits: int, rounding: str, key: int) -> tuple[F
 
 
 @fused
-def from_fixed_kernel(acc: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+def from_fixed_kernel(acc: torch.Tensor, exponent: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    if offset is not None:
+        acc = acc + offset
     # Contiguous: a channels-last accumulator (an int_mm convolution) is reordered in this
     # same pass, since the norms that follow reduce per channel far faster over NCHW.
     return scale_by_pow2(acc.to(torch.float32), exponent).contiguous()
 
 
-def from_fixed(acc: torch.Tensor, exponent) -> torch.Tensor:
-    """The float32 nearest to ``acc * 2**exponent`` (ties to even), in a contiguous tensor.
+def from_fixed(acc: torch.Tensor, exponent, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 nearest to ``(acc + offset) * 2**exponent`` (ties to even), in a contiguous
+    tensor. ``offset`` (a bias on the accumulator's exponent, broadcast) is added as integers of
+    ``acc``'s dtype in the same pass; the caller keeps the sum within it.
 
     Integer-to-float32 conversion rounds to nearest even in one step; the power-of-two scale
     is then exact. Agrees bit for bit with ``backends.reference.from_fixed_bitwise``.
     """
     if not isinstance(exponent, torch.Tensor):
         exponent = torch.tensor(exponent, dtype=torch.int64, device=acc.device)
-    return from_fixed_kernel(acc, exponent)
+    return from_fixed_kernel(acc, exponent, offset)
 
 
 @fused

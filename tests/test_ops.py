@@ -303,3 +303,16 @@ def test_int_mm_sums_exactly_whatever_the_operand_strides():
         for a_form in (a, a.t().contiguous().t(), a.as_strided(a.shape, (1, 1)) if 1 in a.shape else a):
             for b_form in (b, b.t().contiguous().t(), b.as_strided(b.shape, (1, 1)) if 1 in b.shape else b):
                 assert torch.equal(int_mm(a_form, b_form).long(), expected), (m, k, n, a_form.stride(), b_form.stride())
+
+
+def test_int_mm_reads_strided_operands_exactly():
+    """Every-other-row slices and transposes of them: neither row- nor column-major."""
+    from intrain_core.backends.int_mm import int_mm
+
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randint(-128, 128, (10, 12), dtype=torch.int8, generator=gen)
+    b = torch.randint(-128, 128, (12, 6), dtype=torch.int8, generator=gen)
+    for a_form in (a[::2], a.t()[::2].t()[:, :6], a[:, ::2]):
+        b_form = b[: a_form.shape[1]]
+        for b_used in (b_form, b_form[:, ::2], b_form.t().contiguous().t()):
+            assert torch.equal(int_mm(a_form, b_used).long(), a_form.long() @ b_used.long())

@@ -98,7 +98,7 @@ def _int_mm_ok(a: torch.Tensor, b: torch.Tensor, product_bound: int, acc_dtype: 
 def matmul(a: torch.Tensor, b: torch.Tensor, product_bound: int, acc_dtype: torch.dtype) -> torch.Tensor:
     """Exact ``a @ b`` of integer tensors, broadcast like torch.matmul."""
     if gemm_kernel(a.device.type) == "int_mm" and _int_mm_ok(a, b, product_bound, acc_dtype):
-        return int_mm(a.contiguous(), b)
+        return int_mm(a, b)
     k = a.shape[-1]
     dtype, chunk = _exact_float(1, product_bound)
     if k <= chunk:

@@ -41,10 +41,11 @@ class IntegerConv2d(torch.autograd.Function):
         else:
             acc = be.conv2d(xq.mantissa, wq.mantissa, stride, padding, dilation, groups, bound, acc_dtype)
         exponent = xq.exponent + wq.exponent
+        b = None
         if bias is not None:
             b = map_bias(context, bias, exponent, acc_dtype, reduction, bound, context.where(op, "bias", layer))
-            acc = acc + b.view(1, -1, 1, 1)
-        y = from_fixed(acc, exponent)
+            b = b.view(1, -1, 1, 1)
+        y = from_fixed(acc, exponent, b)
         ctx.context, ctx.layer, ctx.op = context, layer, op
         ctx.geometry, ctx.transposed, ctx.has_bias = geometry, transposed, bias is not None
         ctx.x_shape, ctx.w_shape = x.shape, weight.shape
