@@ -28,14 +28,6 @@ def _mix32(h):
     return h ^ (h >> 16)
 
 
-def _mix32_(h: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """``_mix32`` in place on an int64 tensor (eager PyTorch would allocate a tensor per step)."""
-    for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
-        h.bitwise_xor_(torch.bitwise_right_shift(h, shift, out=scratch))
-        h.mul_(multiplier).bitwise_and_(_MASK32)
-    return h.bitwise_xor_(torch.bitwise_right_shift(h, 16, out=scratch))
-
-
 def stream_key(seed: int, counter: int) -> int:
     """The key of the ``counter``-th rounding of stream ``seed``: 63 bits (a 32-bit and a 31-bit
     half), so that it is a non-negative int64."""
@@ -50,21 +42,37 @@ def as_key(key) -> torch.Tensor:
     return key if isinstance(key, torch.Tensor) else torch.tensor(key, dtype=torch.int64)
 
 
+def _signed32(v):
+    """The 32-bit pattern of ``v`` in [0, 2**32) as the int32 value with the same bits."""
+    return v - ((v >> 31) << 32)
+
+
+def _mix32_lanes(h: torch.Tensor) -> torch.Tensor:
+    """``_mix32`` on int32 tensors that hold the 32-bit patterns: products wrap modulo 2**32 as
+    the int32 units do, and each unsigned right shift is an arithmetic one with the sign bits
+    masked off. Half the lane width of int64, and the same bits (tests/test_kernels.py)."""
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * _signed32(0x7FEB352D)
+    h = h ^ ((h >> 15) & 0x1FFFF)
+    h = h * _signed32(0x846CA68B)
+    return h ^ ((h >> 16) & 0xFFFF)
+
+
 def random_bits(shape, key, device) -> torch.Tensor:
-    """``RANDOM_BITS`` uniform bits per element (int64), a function of ``key`` (an int or a
+    """``RANDOM_BITS`` uniform bits per element (int32), a function of ``key`` (an int or a
     0-dim int64 tensor) and the element's index in row-major order only."""
     numel = 1
     for size in shape:
         numel *= size
-    index = torch.arange(numel, dtype=torch.int64, device=device)
     key = as_key(key)
     low, high = key & _MASK32, (key >> 32) & _MASK32
-    if torch.compiler.is_compiling():
-        h = _mix32(_mix32(index ^ low) ^ high)
-    else:
-        scratch = torch.empty_like(index)
-        h = _mix32_(_mix32_(index.bitwise_xor_(low), scratch).bitwise_xor_(high), scratch)
-    return (h >> (32 - RANDOM_BITS)).view(shape)
+    if numel >= 2**31:  # indices past int32: the same hash on int64 lanes
+        h = _mix32(_mix32(torch.arange(numel, dtype=torch.int64, device=device) ^ low) ^ high)
+        return (h >> (32 - RANDOM_BITS)).to(torch.int32).view(shape)
+    index = torch.arange(numel, dtype=torch.int32, device=device)
+    low, high = _signed32(low).to(torch.int32), _signed32(high).to(torch.int32)
+    h = _mix32_lanes(_mix32_lanes(index ^ low) ^ high)
+    return ((h >> (32 - RANDOM_BITS)) & (2**RANDOM_BITS - 1)).view(shape)
 
 
 def check_rounding(rounding: str) -> None:
@@ -83,7 +91,7 @@ def round_float(v: torch.Tensor, rounding: str, key: int) -> torch.Tensor:
         return torch.round(v)
     floor = torch.floor(v)
     # r < f for an integer r is r < ceil(f): compared as integers.
-    threshold = torch.ceil((v - floor) * float(2**RANDOM_BITS)).to(torch.int64)
+    threshold = torch.ceil((v - floor) * float(2**RANDOM_BITS)).to(torch.int32)
     return floor + (random_bits(v.shape, key, v.device) < threshold).to(v.dtype)
 
 

@@ -155,7 +155,7 @@ def test_auto_mode_compiles_a_kernel_once_its_eager_time_pays_for_it(monkeypatch
 def test_random_bits_depend_on_key_and_index_only():
     key = stream_key(11, 5)
     r = random_bits((1000,), key, "cpu")
-    assert r.dtype == torch.int64 and 0 <= int(r.min()) and int(r.max()) < 2**RANDOM_BITS
+    assert r.dtype == torch.int32 and 0 <= int(r.min()) and int(r.max()) < 2**RANDOM_BITS
     assert torch.equal(random_bits((10, 100), key, "cpu").view(-1), r)  # the shape does not matter
     assert not torch.equal(random_bits((1000,), stream_key(11, 6), "cpu"), r)
     assert not torch.equal(random_bits((1000,), stream_key(12, 5), "cpu"), r)
@@ -163,6 +163,20 @@ def test_random_bits_depend_on_key_and_index_only():
     counts = torch.bincount(random_bits((2**16,), key, "cpu") >> (RANDOM_BITS - 4), minlength=16).double()
     sigma = (2**16 * (1 / 16) * (15 / 16)) ** 0.5
     assert ((counts - 2**12).abs() <= 6 * sigma).all()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_random_bits_are_the_hash_of_key_and_index(compiled):
+    """The int32-lane hash gives the bits of the stream's definition, hash(k, i) computed on
+    int64 values in [0, 2**32) (``_mix32`` as written for Python ints), eager and compiled."""
+    from intrain_core.rounding import _mix32
+
+    index = torch.arange(3 * MIN_COMPILED_NUMEL, dtype=torch.int64)
+    for key in (0, stream_key(0, 0), stream_key(2**40 + 3, 17), 2**63 - 1):
+        low, high = key & 0xFFFFFFFF, key >> 32
+        expected = _mix32(_mix32(index ^ low) ^ high) >> (32 - RANDOM_BITS)
+        draw = (torch.compile(random_bits, fullgraph=True, dynamic=True) if compiled else random_bits)
+        assert torch.equal(draw((3, MIN_COMPILED_NUMEL), torch.tensor(key), "cpu").view(-1).long(), expected), key
 
 
 def test_stream_resumes_from_seed_and_counter():
