@@ -166,7 +166,6 @@ def _affine_gradients(g, gamma_m, xhat, affine_dims: tuple):
     return grad_weight, grad_bias, d.reshape(xhat.shape)
 
 
-@fused
 def _backward_training(m, s1, inv, inv_exp, g, gamma_m, n, c_shift: int, scale_shift: int, x_exp, g_exp, gamma_exp,
                        affine_dims: tuple):
     """d(loss)/dx for batch statistics, and the affine gradients, all integer.
@@ -174,12 +173,47 @@ def _backward_training(m, s1, inv, inv_exp, g, gamma_m, n, c_shift: int, scale_s
     With d = g gamma (exponent g_exp + gamma_exp) and xhat in FRACTION_BITS fixed point:
     dx = rstd (d - mean(d) - xhat mean(d xhat)), rstd = n inv 2**(inv_exp - x_exp).
     ``m``, ``s1`` and ``inv`` are in the (A, G, B) view; ``g`` and ``gamma_m`` in x's shape.
+
+    Three kernels, each reading the int8 inputs once: the sums, the largest |inner| (for the
+    narrowing shift), and dx. Each recomputes xhat and d from int8 rather than keep them:
+    in one graph inductor stored ``inner`` as an activation-size int64 tensor and read it twice.
     """
-    xhat, grad_weight, grad_bias, d, total, projection = backward_sums(m, s1, inv, inv_exp, g, gamma_m, n, c_shift,
-                                                                        affine_dims)
-    inner, inner_shift = narrow(backward_inner(xhat, d, total, projection, n))
+    grad_weight, grad_bias, total, projection = _backward_sums_only(m, s1, inv, inv_exp, g, gamma_m, n, c_shift,
+                                                                    affine_dims)
+    inner_shift = _backward_inner_shift(m, s1, inv, inv_exp, g, gamma_m, n, c_shift, total, projection)
+    grad_x = _backward_output(m, s1, inv, inv_exp, g, gamma_m, n, c_shift, total, projection, inner_shift,
+                              scale_shift, x_exp, g_exp, gamma_exp)
+    return grad_x, grad_weight, grad_bias
+
+
+@fused
+def _backward_sums_only(m, s1, inv, inv_exp, g, gamma_m, n, c_shift: int, affine_dims: tuple):
+    _, grad_weight, grad_bias, _, total, projection = backward_sums(m, s1, inv, inv_exp, g, gamma_m, n, c_shift,
+                                                                    affine_dims)
+    return grad_weight, grad_bias, total, projection
+
+
+def _inner(m, s1, inv, inv_exp, g, gamma_m, n, c_shift: int, total, projection):
+    xhat = _xhat(m, s1, inv, inv_exp, n, c_shift)
+    d = g.to(torch.int64)
+    if gamma_m is not None:
+        d = d * gamma_m.to(torch.int64)
+    return backward_inner(xhat, d.reshape(xhat.shape), total, projection, n)
+
+
+@fused
+def _backward_inner_shift(m, s1, inv, inv_exp, g, gamma_m, n, c_shift: int, total, projection):
+    """``narrow``'s shift of the inner term, from its largest magnitude."""
+    inner = _inner(m, s1, inv, inv_exp, g, gamma_m, n, c_shift, total, projection)
+    return (bit_length(inner.abs().amax()) - OPERAND_BITS).clamp(min=0)
+
+
+@fused
+def _backward_output(m, s1, inv, inv_exp, g, gamma_m, n, c_shift: int, total, projection, inner_shift,
+                     scale_shift: int, x_exp, g_exp, gamma_exp):
+    inner = round_half_up_shift(_inner(m, s1, inv, inv_exp, g, gamma_m, n, c_shift, total, projection), inner_shift)
     grad_x = backward_input(inner, inner_shift, inv, inv_exp, n, scale_shift, x_exp, g_exp, gamma_exp)
-    return grad_x.reshape(g.shape), grad_weight, grad_bias
+    return grad_x.reshape(g.shape)
 
 
 def backward_sums(m, s1, inv, inv_exp, g, gamma_m, n, c_shift: int, affine_dims: tuple):
