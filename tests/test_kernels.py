@@ -214,3 +214,30 @@ def test_cuda_forward_and_backward_never_wait_for_the_device():
         F.cross_entropy(model(x), torch.zeros(4, dtype=torch.long, device="cuda")).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("scales", [(1.0, 0.01), (0.01, 1.0), (1.0, 1.0)])
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_add_rounds_as_if_both_operands_were_aligned(scales, broadcast):
+    """The add rounds only the finer operand; the bits must be those of the definition, which
+    maps both operands and then rounds each onto the shared exponent with its own key."""
+    from intrain_core.fixed_point import rounded_mantissas, scale_by_pow2, shared_exponent
+    from intrain_core.rounding import round_float
+
+    a = data(9, scale=scales[0])
+    b = data(10, scale=scales[1])[:1] if broadcast else data(10, scale=scales[1])
+    keys = tuple(torch.tensor(stream_key(4, i)) for i in range(4))
+
+    def definition():
+        ms, es = [], []
+        for v, key in ((a, keys[0]), (b, keys[1])):
+            e, _ = shared_exponent(v, 8)
+            ms.append(rounded_mantissas(v, e, "stochastic", key).clamp(-127, 127))
+            es.append(e)
+        top = torch.maximum(*es)
+        aligned = [round_float(scale_by_pow2(m, e - top), "stochastic", k) for m, e, k in zip(ms, es, keys[2:])]
+        return from_fixed(aligned[0] + aligned[1], top)
+
+    eager, compiled = both(lambda: add_ops._add(a, b, 8, "stochastic", keys)[0])
+    expected = definition()
+    assert same_bits(eager, expected) and same_bits(compiled, expected)

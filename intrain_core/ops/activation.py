@@ -11,20 +11,32 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..compiled import fused
 from ..registry import FALLBACK, implements, is_float32
+
+
+@fused
+def _relu_and_mask(x):
+    y = torch.relu(x)
+    return y, y <= 0  # PyTorch's rule: a NaN output passes its gradient on
+
+
+@fused
+def _masked(grad, blocked):
+    return torch.where(blocked, 0, grad)  # not grad * mask: Inf * 0 would be NaN
 
 
 class MaskedReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        y = torch.relu(x)
-        ctx.save_for_backward(y <= 0)  # PyTorch's rule: a NaN output passes its gradient on
+        y, blocked = _relu_and_mask(x)
+        ctx.save_for_backward(blocked)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         (blocked,) = ctx.saved_tensors
-        return torch.where(blocked, 0, grad)  # not grad * mask: Inf * 0 would be NaN
+        return _masked(grad, blocked)
 
 
 @implements(F.relu, torch.relu, torch.Tensor.relu)

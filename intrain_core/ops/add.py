@@ -21,10 +21,19 @@ def _add(a: torch.Tensor, b: torch.Tensor, bits: int, rounding: str, keys: tuple
     ma = rounded_mantissas(af, ea, rounding, keys[0])
     mb = rounded_mantissas(bf, eb, rounding, keys[1])
     clamped = (ma.abs() > limit).sum() + (mb.abs() > limit).sum()
+    ma, mb = ma.clamp(-limit, limit), mb.clamp(-limit, limit)
     exponent = torch.maximum(ea, eb)
-    ma = round_float(scale_by_pow2(ma.clamp(-limit, limit), ea - exponent), rounding, keys[2])
-    mb = round_float(scale_by_pow2(mb.clamp(-limit, limit), eb - exponent), rounding, keys[3])
-    return from_fixed(ma + mb, exponent), finite_a, finite_b, clamped
+    if ma.shape != mb.shape:  # a broadcast operand draws per element of its own shape
+        ma = round_float(scale_by_pow2(ma, ea - exponent), rounding, keys[2])
+        mb = round_float(scale_by_pow2(mb, eb - exponent), rounding, keys[3])
+        return from_fixed(ma + mb, exponent), finite_a, finite_b, clamped
+    # Only the finer operand is rounded: the coarser one's shift is 0, and rounding an integer
+    # changes nothing, whatever it draws. Each keeps its own key, so the bits are those of
+    # rounding both, with half the draws.
+    a_finer = ea < eb
+    finer = round_float(scale_by_pow2(torch.where(a_finer, ma, mb), torch.minimum(ea, eb) - exponent), rounding,
+                        torch.where(a_finer, keys[2], keys[3]))
+    return from_fixed(finer + torch.where(a_finer, mb, ma), exponent), finite_a, finite_b, clamped
 
 
 def _gradient_for(context, grad: torch.Tensor, shape: torch.Size, layer: str) -> torch.Tensor:
