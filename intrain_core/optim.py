@@ -43,6 +43,12 @@ def _narrow(m, e, bits: int, rounding: str, key):
     return narrowed.to(torch.int64), exponent
 
 
+def state_dtype(master_bits: int) -> torch.dtype:
+    """Masters and momenta are stored in int32 when their mantissas fit (the default 32 bits):
+    half the bytes of int64 for the optimiser state and for the update's memory traffic."""
+    return torch.int32 if master_bits <= 32 else torch.int64
+
+
 @fused
 def _update(grad, w, w_exp, buf, buf_exp, coefficients, flags, bits: int, rounding: str, keys):
     """One parameter's step, flattened: returns (master, exponent, momentum, exponent, value).
@@ -55,6 +61,8 @@ def _update(grad, w, w_exp, buf, buf_exp, coefficients, flags, bits: int, roundi
     weight decay; ``flags``: (weight decay, momentum, first step, nesterov, maximize, dampening)."""
     lr, mu, keep, wd = coefficients
     has_wd, has_momentum, first, nesterov, maximize, damped = flags
+    stored = state_dtype(bits)
+    w, buf = w.to(torch.int64), buf.to(torch.int64)
     g = grad.to(torch.float32)
     if maximize:
         g = -g
@@ -79,7 +87,7 @@ def _update(grad, w, w_exp, buf, buf_exp, coefficients, flags, bits: int, roundi
     step, step_exp = _narrow(d, d_exp, bits, "nearest", keys[1])
     total, grid = add_fixed(w, w_exp, step * lr[0], step_exp + lr[1])
     w, w_exp = _narrow(total, grid, bits, rounding, keys[1])
-    return w, w_exp, buf, buf_exp, from_fixed(w, w_exp)
+    return w.to(stored), w_exp, buf.to(stored), buf_exp, from_fixed(w, w_exp)
 
 
 _update.min_numel = 0  # every parameter: the compiled kernel beats a dozen small eager ops
@@ -113,7 +121,7 @@ class IntSGD(torch.optim.Optimizer):
             return state["master"], state["master_exponent"]
         # float32 has 24 significant bits, so a >= 24-bit master holds p exactly.
         fp, _ = map_deferred(p.detach(), self.numerics.master_bits, "nearest", 0)
-        return fp.mantissa.to(torch.int64), fp.exponent
+        return fp.mantissa.to(state_dtype(self.numerics.master_bits)), fp.exponent
 
     def _check_finite(self, params: list[torch.Tensor]) -> None:
         """One read of the device per step: the mappings of the model's forward and backward,

@@ -146,6 +146,32 @@ def test_state_dict_round_trip_continues_bit_identically():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("master_bits, stored", [(32, torch.int32), (40, torch.int64)])
+def test_state_is_stored_narrow_and_int64_state_continues_identically(master_bits, stored):
+    """32-bit masters and momenta are kept in int32; a state saved as int64 (as this optimiser
+    stored it before) continues bit for bit like the int32 one."""
+    numerics = dataclasses.replace(Numerics.preset("int8"), master_bits=master_bits)
+    options = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, numerics=numerics)
+    grads = gradients(4)
+    runs = []
+    for widen in (False, True):
+        ps = params(torch.float32)
+        opt = IntSGD(ps, **options)
+        for step, step_grads in enumerate(grads[:12]):
+            if step == 6:
+                assert all(opt.state[p][k].dtype == stored for p in ps for k in ("master", "momentum"))
+                if widen:
+                    for p in ps:
+                        for k in ("master", "momentum"):
+                            opt.state[p][k] = opt.state[p][k].to(torch.int64)
+            for p, g in zip(ps, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        runs.append(ps)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 def test_outside_change_reinitialises_the_master():
     p = torch.nn.Parameter(torch.ones(4))
     opt = IntSGD([p], lr=0.5)
