@@ -316,3 +316,22 @@ def test_int_mm_reads_strided_operands_exactly():
         b_form = b[: a_form.shape[1]]
         for b_used in (b_form, b_form[:, ::2], b_form.t().contiguous().t()):
             assert torch.equal(int_mm(a_form, b_used).long(), a_form.long() @ b_used.long())
+
+
+def test_convolution_kernel_is_measured_once_per_size_band(monkeypatch):
+    """Images of nearby sizes (a detector's batches) share one measured choice per kind."""
+    from intrain_core.backends import native
+
+    monkeypatch.delenv("INTRAIN_CONV_KERNEL", raising=False)
+    monkeypatch.setattr(native, "conv_choices", {})
+    monkeypatch.setattr(native, "gemm_kernel", lambda device_type: "int_mm")
+    measured = []
+    monkeypatch.setattr(native, "_best_of_two", lambda fn: measured.append(fn) or 0.0)
+    w = torch.randint(-127, 128, (4, 3, 3, 3), dtype=torch.int8)
+    for size in (40, 41, 44):  # 1600-1936 positions: one band
+        x = torch.randint(-127, 128, (1, 3, size, size), dtype=torch.int8)
+        native.conv2d(x, w, (1, 1), (1, 1), (1, 1), 1, 127 * 127, torch.int32)
+    assert len(native.conv_choices) == 1 and len(measured) == 2
+    x = torch.randint(-127, 128, (1, 3, 90, 90), dtype=torch.int8)  # four times the positions
+    native.conv2d(x, w, (1, 1), (1, 1), (1, 1), 1, 127 * 127, torch.int32)
+    assert len(native.conv_choices) == 2

@@ -148,11 +148,18 @@ def _conv_kernel(shape_class: tuple, device: torch.device, run_int, run_float) -
     return choice
 
 
-def _conv(kind: str, int_args: tuple, float_fn, float_args: tuple, operands, geometry):
+def _shape_class(kind: str, data: torch.Tensor, weight_shape, geometry: tuple) -> tuple:
+    """The weight's shape, the geometry, and the number of rows of the data (images x positions)
+    to within a factor of two: a detector's changing image sizes are measured once per size
+    band instead of once per batch."""
+    rows = data.numel() // max(1, data.shape[1])
+    return (kind, tuple(weight_shape), *geometry, rows.bit_length())
+
+
+def _conv(kind: str, int_args: tuple, float_fn, float_args: tuple, shape_class: tuple, device: torch.device):
     """The chosen kernel's result; ``int_fn`` returning None means the shape needs the float one."""
     int_fn = getattr(im2col, kind)
-    shape_class = (kind, *(tuple(t.shape) for t in operands), *geometry)
-    choice = _conv_kernel(shape_class, operands[0].device, lambda: int_fn(*int_args), lambda: float_fn(*float_args))
+    choice = _conv_kernel(shape_class, device, lambda: int_fn(*int_args), lambda: float_fn(*float_args))
     if choice == "int_mm":
         result = int_fn(*int_args)
         if result is not None:
@@ -164,7 +171,8 @@ def conv2d(x, w, stride, padding, dilation, groups, product_bound, acc_dtype):
     """Exact integer convolution: ``int_mm`` on patches, or float with the reduction split."""
     if im2col.supported(x, w, groups, acc_dtype):
         return _conv("conv2d", (x, w, stride, padding, dilation), _conv2d_float,
-                     (x, w, stride, padding, dilation, groups, product_bound, acc_dtype), (x, w), (stride, padding, dilation))
+                     (x, w, stride, padding, dilation, groups, product_bound, acc_dtype),
+                     _shape_class("conv2d", x, w.shape, (stride, padding, dilation)), x.device)
     return _conv2d_float(x, w, stride, padding, dilation, groups, product_bound, acc_dtype)
 
 
@@ -172,8 +180,8 @@ def conv2d_input(input_shape, w, g, stride, padding, dilation, groups, product_b
     """Exact input gradient: ``int_mm`` on the stuffed gradient's patches, or float."""
     args = (input_shape, w, g, stride, padding, dilation)
     if im2col.supported(g, w, groups, acc_dtype):
-        return _conv("conv2d_input", args, _conv2d_input_float, (*args, groups, product_bound, acc_dtype), (g, w),
-                     (tuple(input_shape), stride, padding, dilation))
+        return _conv("conv2d_input", args, _conv2d_input_float, (*args, groups, product_bound, acc_dtype),
+                     _shape_class("conv2d_input", g, w.shape, (stride, padding, dilation)), g.device)
     return _conv2d_input_float(*args, groups, product_bound, acc_dtype)
 
 
@@ -182,7 +190,7 @@ def conv2d_weight(x, w_shape, g, stride, padding, dilation, groups, product_boun
     if im2col.supported(x, g, groups, torch.int32):
         return _conv("conv2d_weight", (x, w_shape, g, stride, padding, dilation, product_bound, acc_dtype),
                      _conv2d_weight_float, (x, w_shape, g, stride, padding, dilation, groups, product_bound, acc_dtype),
-                     (x, g), (tuple(w_shape), stride, padding, dilation))
+                     _shape_class("conv2d_weight", g, w_shape, (stride, padding, dilation)), x.device)
     return _conv2d_weight_float(x, w_shape, g, stride, padding, dilation, groups, product_bound, acc_dtype)
 
 
