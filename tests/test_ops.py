@@ -335,3 +335,19 @@ def test_convolution_kernel_is_measured_once_per_size_band(monkeypatch):
     x = torch.randint(-127, 128, (1, 3, 90, 90), dtype=torch.int8)  # four times the positions
     native.conv2d(x, w, (1, 1), (1, 1), (1, 1), 1, 127 * 127, torch.int32)
     assert len(native.conv_choices) == 2
+
+
+def test_weight_gradient_of_one_image_past_int32_takes_the_float_kernel(monkeypatch):
+    """An image with more output positions than int32 sums exactly (a large detection input):
+    the int8 GEMM kernel declines, and the float kernel gives the exact int64 sums."""
+    from intrain_core.backends import im2col, native, reference
+
+    x = torch.full((1, 1, 370, 370), 127, dtype=torch.int8)
+    g = torch.full((1, 1, 370, 370), -127, dtype=torch.int8)
+    bound = 127 * 127
+    assert 370 * 370 * bound > 2**31
+    assert im2col.conv2d_weight(x, (1, 1, 1, 1), g, (1, 1), (0, 0), (1, 1), bound, torch.int64) is None
+    monkeypatch.setenv("INTRAIN_CONV_KERNEL", "int_mm")
+    dw = native.conv2d_weight(x, (1, 1, 1, 1), g, (1, 1), (0, 0), (1, 1), 1, bound, torch.int64)
+    expected = reference.conv2d_weight(x, (1, 1, 1, 1), g, (1, 1), (0, 0), (1, 1), 1, bound, torch.int64)
+    assert torch.equal(dw, expected) and int(dw) == -370 * 370 * bound

@@ -3,7 +3,8 @@
 A convolution is a GEMM of its input's patches (im2col) with its weight. The patches are a
 strided view of the zero-padded input in channels-last order, copied one block of images at a
 time so the int8 copy stays a few MiB. Outputs are int32 in channels-last order, returned as
-NCHW-shaped views (``permute``), so the next op reads them without a transposing copy.
+NCHW-shaped views (``permute``); ``from_fixed`` puts them in NCHW order in the pass that
+converts them to float.
 
 The input gradient is the convolution of the output gradient, zero-stuffed by the stride and
 padded by ``dilation * (k - 1) - padding``, with the weight flipped in space and transposed in
@@ -100,16 +101,19 @@ def conv2d_input(input_shape, w: torch.Tensor, g: torch.Tensor, stride, padding,
 def conv2d_weight(x: torch.Tensor, w_shape, g: torch.Tensor, stride, padding, dilation, product_bound: int,
                   acc_dtype: torch.dtype) -> torch.Tensor | None:
     """Weight gradient of ``conv2d`` in ``acc_dtype``: patches of int8 ``x`` transposed times int8
-    output gradient ``g``, summed over blocks of images that each stay within int32."""
+    output gradient ``g``, summed over blocks of images that each stay within int32; None where
+    one image's sums would not (``native`` then uses its float kernel)."""
     cout, cin, kh, kw = w_shape
     n = x.shape[0]
     out_hw = tuple(g.shape[2:])
     positions = out_hw[0] * out_hw[1]
+    if positions * product_bound > INT32_MAX:
+        return None
     reduction = kh * kw * cin
     xp = _padded_nhwc(x, (padding[0],) * 2, (padding[1],) * 2)
     patches = _patches(xp, (kh, kw), out_hw, stride, dilation)
     g_rows = g.permute(0, 2, 3, 1).reshape(n * positions, cout)
-    exact_images = max(1, INT32_MAX // (product_bound * positions))
+    exact_images = INT32_MAX // (product_bound * positions)
     step = min(_images_per_block(reduction, positions, n), exact_images)
     acc = None
     for start in range(0, n, step):
