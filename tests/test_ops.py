@@ -326,7 +326,7 @@ def test_convolution_kernel_is_measured_once_per_size_band(monkeypatch):
     monkeypatch.setattr(native, "conv_choices", {})
     monkeypatch.setattr(native, "gemm_kernel", lambda device_type: "int_mm")
     measured = []
-    monkeypatch.setattr(native, "_best_of_two", lambda fn: measured.append(fn) or 0.0)
+    monkeypatch.setattr(native, "_best_time", lambda fn, repeats: measured.append(fn) or 0.0)
     w = torch.randint(-127, 128, (4, 3, 3, 3), dtype=torch.int8)
     for size in (40, 41, 44):  # 1600-1936 positions: one band
         x = torch.randint(-127, 128, (1, 3, size, size), dtype=torch.int8)

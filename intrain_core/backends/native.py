@@ -50,6 +50,18 @@ def _to_acc(result: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
     return result.to(acc_dtype)
 
 
+def _best_time(fn, repeats: int) -> float:
+    """The shortest of ``repeats`` timed calls, after one untimed call for one-time costs
+    (kernel creation, first touch of the output's pages)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 @functools.lru_cache(maxsize=None)
 def gemm_kernel(device_type: str) -> str:
     """``int_mm`` or ``float_exact``: the faster exact kernel on this device."""
@@ -68,18 +80,8 @@ def gemm_kernel(device_type: str) -> str:
     a = torch.randint(-127, 128, (256, 512), dtype=torch.int8, generator=probe)
     b = torch.randint(-127, 128, (512, 256), dtype=torch.int8, generator=probe)
     af, bf = a.float(), b.float()
-
-    def best_of(fn, repeats=3):
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    int_time = best_of(lambda: torch._int_mm(a, b))
-    float_time = best_of(lambda: af @ bf)
+    int_time = _best_time(lambda: torch._int_mm(a, b), repeats=3)
+    float_time = _best_time(lambda: af @ bf, repeats=3)
     return "int_mm" if int_time < float_time else "float_exact"
 
 
@@ -111,23 +113,9 @@ def matmul(a: torch.Tensor, b: torch.Tensor, product_bound: int, acc_dtype: torc
     return acc
 
 
-def _pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
 KERNELS = ("int_mm", "float_exact")
 # Shape class -> chosen kernel, measured at the class's first call in this process.
 conv_choices: dict[tuple, str] = {}
-
-
-def _best_of_two(fn, repeats: int = 2) -> float:
-    fn()  # one-time costs: kernel creation, first touch of the output's pages
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def _conv_kernel(shape_class: tuple, device: torch.device, run_int, run_float) -> str:
@@ -143,7 +131,7 @@ def _conv_kernel(shape_class: tuple, device: torch.device, run_int, run_float) -
         elif gemm_kernel(device.type) != "int_mm":
             choice = "float_exact"
         else:
-            choice = "int_mm" if _best_of_two(run_int) < _best_of_two(run_float) else "float_exact"
+            choice = "int_mm" if _best_time(run_int, 2) < _best_time(run_float, 2) else "float_exact"
         conv_choices[shape_class] = choice
     return choice
 
