@@ -186,11 +186,16 @@ def map_at_deferred(x: torch.Tensor, exponent: torch.Tensor, limit: int, roundin
     return FixedPoint(m, exponent, limit.bit_length() + 1, clamped), finite
 
 
+def narrowing_shift(top: torch.Tensor, bits: int) -> torch.Tensor:
+    """The right shift that moves a largest magnitude of bit length ``top`` into
+    ``[2**(b-2), 2**(b-1))`` (section 1's exponent); 0 for an all-zero tensor."""
+    return torch.where(top > 0, top - (bits - 1), 0)
+
+
 @fused
 def requantize_kernel(m: torch.Tensor, exponent: torch.Tensor, bits: int, rounding: str, key: int):
     m = m.to(torch.int64)
-    top = bit_length(m.abs().amax())
-    shift = torch.where(top > 0, top - (bits - 1), 0)
+    shift = narrowing_shift(bit_length(m.abs().amax()), bits)
     narrowed, clamped = _finish(shift_right(m, shift, rounding, key), bits)
     return narrowed, exponent + shift, clamped
 
@@ -207,15 +212,19 @@ def requantize(mantissa: torch.Tensor, exponent: torch.Tensor, bits: int, roundi
 _NO_VALUE = -(2**40)
 
 
-def add_fixed(a: torch.Tensor, ea: torch.Tensor, b: torch.Tensor, eb: torch.Tensor):
+def top_exponent(largest: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """The exponent just above a term whose largest mantissa magnitude is ``largest``."""
+    return torch.where(largest > 0, exponent + bit_length(largest), _NO_VALUE)
+
+
+def add_fixed(a: torch.Tensor, ea: torch.Tensor, b: torch.Tensor, eb: torch.Tensor, tops=None):
     """``a 2**ea + b 2**eb`` for int64 mantissas below 2**61, on the finest grid where the sum
     keeps within 62 bits; returns (sum, grid exponent). Aligning onto that grid drops only bits
     more than 61 below the larger term, rounded to nearest: the stochastic rounding of a stored
-    result is the re-normalisation that follows."""
-    tops = []
-    for m, e in ((a, ea), (b, eb)):
-        amax = m.abs().amax()
-        tops.append(torch.where(amax > 0, e + bit_length(amax), _NO_VALUE))
+    result is the re-normalisation that follows. ``tops``: the two terms' ``top_exponent``
+    when the caller already knows them."""
+    if tops is None:
+        tops = [top_exponent(m.abs().amax(), e) for m, e in ((a, ea), (b, eb))]
     grid = torch.maximum(torch.minimum(ea, eb), torch.maximum(*tops) - 61)
     return shift_right(a, grid - ea, "nearest") + shift_right(b, grid - eb, "nearest"), grid
 

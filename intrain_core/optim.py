@@ -1,10 +1,11 @@
 """Integer SGD (docs/numerics-contract.md section 8): PyTorch's SGD update in fixed point.
 
 Master weights and momentum buffers are wide integer mantissas (``numerics.master_bits``) with
-one exponent per tensor. The coefficients become fixed-point constants each step; each parameter
-is updated by one fused kernel: the gradient on a 62-bit grid, integer products in int64, sums
-aligned on a 62-bit grid, and each stored result (momentum, master) re-normalised to
-``master_bits`` with one rounding of the run's kind: two random draws per element and step.
+one exponent per tensor. The coefficients become fixed-point constants each step. The parameters
+of a group are updated together, small ones in flat buffers, by fused kernels (sgd_update.py): the
+gradient on a 62-bit grid, integer products in int64, sums aligned on a 62-bit grid, and each
+stored result (momentum, master) re-normalised to ``master_bits`` with one rounding of the run's
+kind: two random draws per element and step.
 """
 from __future__ import annotations
 
@@ -12,85 +13,37 @@ from collections.abc import Mapping
 
 import torch
 
-from .compiled import fused
-from .fixed_point import (FixedPoint, NonFiniteError, add_fixed, fixed_constant, from_fixed,
-                          map_deferred, map_kernel, nonfinite_message, requantize_kernel)
+from .fixed_point import FixedPoint, NonFiniteError, fixed_constant, from_fixed, map_deferred, nonfinite_message
+from .flat_layout import FlatLayout, segment_max
 from .numerics import Numerics
 from .ops.weights import attach_master, contexts_of
 from .rounding import RoundingStream
+from .sgd_update import (apply_kernel, coefficient_bits, direction_kernel, run_staged, state_dtype,
+                         update_alone_kernel)
 
-
-def coefficient_bits(master_bits: int) -> int:
-    """Significant bits of the coefficients (lr, momentum, 1 - dampening, weight decay).
-
-    A master mantissa (< 2**(master_bits-1)) times a coefficient (< 2**bits) stays below
-    2**61, and the sum of two aligned such terms below 2**62: int64 holds every product.
-    """
-    return min(30, 61 - master_bits)
-
+__all__ = ["IntSGD", "build_optimizer", "coefficient_bits", "state_dtype"]
 
 # The optimiser's random stream is offset from the model's, which starts at the same seed.
 STREAM_SEED_OFFSET = 0x5DEECE66D
 
-# The gradient enters on a 62-bit grid: exact for every element within 37 binades of its
-# largest (float32 has 24 significant bits); smaller ones round to nearest, as in an alignment.
-WIDE_BITS = 62
+# From this size on a parameter is updated alone, by one fused kernel whose passes find it in
+# cache; smaller ones are updated together in flat buffers, where one call serves them all.
+# On a 2-core Xeon (2026-11-30) the flat kernels streamed ResNet-18's 11M elements at 13 ns
+# each, the kernel per parameter at 9 ns plus 0.3 ms a call.
+ALONE_NUMEL = 1 << 16
 
 
-def _narrow(m, e, bits: int, rounding: str, key):
-    """``m 2**e`` re-normalised to ``bits`` (section 1's exponent)."""
-    narrowed, exponent, _ = requantize_kernel.eager(m, e, bits, rounding, key)
-    return narrowed.to(torch.int64), exponent
 
+class _FlatState:
+    """The masters and momenta of some parameters in flat buffers, and the views of them that
+    the optimiser's per-parameter state holds (a state entry that is not that view was changed
+    from outside: loaded, or replaced)."""
 
-def state_dtype(master_bits: int) -> torch.dtype:
-    """Masters and momenta are stored in int32 when their mantissas fit (the default 32 bits):
-    half the bytes of int64 for the optimiser state and for the update's memory traffic."""
-    return torch.int32 if master_bits <= 32 else torch.int64
-
-
-@fused
-def _update(grad, w, w_exp, buf, buf_exp, coefficients, flags, bits: int, rounding: str, keys):
-    """One parameter's step, flattened: returns (master, exponent, momentum, exponent, value).
-
-    Intermediates stay on the 62-bit grid (alignments round to nearest); a term narrows to
-    ``bits``, to nearest, only where it is multiplied by a coefficient. The two stored results,
-    momentum and master, are each rounded once, with the run's rounding.
-
-    ``coefficients``: fixed-point (mantissa, exponent) of -lr, momentum, 1 - dampening and
-    weight decay; ``flags``: (weight decay, momentum, first step, nesterov, maximize, dampening)."""
-    lr, mu, keep, wd = coefficients
-    has_wd, has_momentum, first, nesterov, maximize, damped = flags
-    stored = state_dtype(bits)
-    w, buf = w.to(torch.int64), buf.to(torch.int64)
-    g = grad.to(torch.float32)
-    if maximize:
-        g = -g
-    d, d_exp, _, _ = map_kernel.eager(g, WIDE_BITS, "nearest", keys[0])
-    d = d.to(torch.int64)
-    if has_wd:
-        d, d_exp = add_fixed(d, d_exp, w * wd[0], w_exp + wd[1])
-    if has_momentum:
-        if first:  # torch: the buffer starts as the gradient itself, undamped
-            buf, buf_exp = _narrow(d, d_exp, bits, rounding, keys[0])
-        else:
-            term, term_exp = d, d_exp
-            if damped:
-                term, term_exp = _narrow(d, d_exp, bits, "nearest", keys[0])
-                term, term_exp = term * keep[0], term_exp + keep[1]
-            total, grid = add_fixed(buf * mu[0], buf_exp + mu[1], term, term_exp)
-            buf, buf_exp = _narrow(total, grid, bits, rounding, keys[0])
-        if nesterov:
-            d, d_exp = add_fixed(d, d_exp, buf * mu[0], buf_exp + mu[1])
-        else:
-            d, d_exp = buf, buf_exp
-    step, step_exp = _narrow(d, d_exp, bits, "nearest", keys[1])
-    total, grid = add_fixed(w, w_exp, step * lr[0], step_exp + lr[1])
-    w, w_exp = _narrow(total, grid, bits, rounding, keys[1])
-    return w.to(stored), w_exp, buf.to(stored), buf_exp, from_fixed(w, w_exp)
-
-
-_update.min_numel = 0  # every parameter: the compiled kernel beats a dozen small eager ops
+    def __init__(self, params):
+        self.layout = FlatLayout([p.shape for p in params], params[0].device)
+        self.grad = self.layout.empty(torch.float32)
+        self.master = self.master_exp = self.momentum = self.momentum_exp = None
+        self.master_views = self.momentum_views = [None] * len(params)
 
 
 class IntSGD(torch.optim.Optimizer):
@@ -113,6 +66,7 @@ class IntSGD(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize)
         super().__init__(params, defaults)
+        self._flat: dict[tuple, _FlatState] = {}  # by the ids of the parameters updated together
 
     def _master(self, p: torch.Tensor, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The fixed-point master; read again from ``p`` if ``p`` changed since the last step
@@ -141,37 +95,96 @@ class IntSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        bits, rounding = self.numerics.master_bits, self.numerics.rounding
-        cbits = coefficient_bits(bits)
+        cbits = coefficient_bits(self.numerics.master_bits)
         with_grads = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         if with_grads:
             self._check_finite(with_grads)
+        used = {}
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
+            if not params:
+                continue
             constants = [fixed_constant(value, cbits) for value in
                          (-group["lr"], group["momentum"], 1.0 - group["dampening"], group["weight_decay"])]
             # Tensors: the learning rate changes every step, and a compiled kernel must not
             # be specialised for it.
             coefficients = tuple((torch.tensor(m), torch.tensor(e)) for m, e in constants)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                w, w_exp = self._master(p, state)
-                first = "momentum" not in state
-                buf = state.get("momentum", w)
-                buf_exp = state.get("momentum_exponent", w_exp)
-                flags = (constants[3][0] != 0, constants[1][0] != 0, first, group["nesterov"], group["maximize"],
-                         group["dampening"] != 0)
-                keys = (self.stream.next_key(), self.stream.next_key())
-                w, w_exp, buf, buf_exp, value = _update(p.grad.reshape(-1), w.reshape(-1), w_exp, buf.reshape(-1),
-                                                        buf_exp, coefficients, flags, bits, rounding, keys)
-                if flags[1]:
-                    state["momentum"], state["momentum_exponent"] = buf.view(p.shape), buf_exp
-                state["master"], state["master_exponent"] = w.view(p.shape), w_exp
-                p.copy_(value.view(p.shape))
-                state["version"] = p._version
-                attach_master(p, FixedPoint(state["master"], w_exp, bits))
+            # Two keys per parameter, in order: its momentum's, then its master's.
+            keys = self.stream.next_keys(2 * len(params), params[0].device).view(-1, 2)
+            momentum = constants[1][0] != 0
+            starts = [momentum and "momentum" not in self.state[p] for p in params]
+            flags = [(constants[3][0] != 0, momentum, first, group["nesterov"], group["maximize"],
+                      group["dampening"] != 0) for first in starts]
+            small = [i for i, p in enumerate(params) if p.numel() < ALONE_NUMEL]
+            for i in sorted(set(range(len(params))) - set(small)):
+                self._update_alone(params[i], keys[i], coefficients, flags[i])
+            for first in sorted({starts[i] for i in small}):  # a momentum that starts runs apart
+                chosen = [i for i in small if starts[i] == first]
+                chosen_params = [params[i] for i in chosen]
+                flat = used[tuple(map(id, chosen_params))] = self._flat_state(chosen_params, momentum and not first)
+                self._update_flat(flat, chosen_params, keys[chosen], coefficients, flags[chosen[0]])
+        self._flat = used  # buffers of a set of parameters no longer updated together are dropped
         return loss
+
+    def _update_alone(self, p, keys, coefficients, flags):
+        state = self.state[p]
+        w, w_exp = self._master(p, state)
+        buf, buf_exp = state.get("momentum", w), state.get("momentum_exponent", w_exp)
+        w, w_exp, buf, buf_exp, value = update_alone_kernel(
+            p.grad.reshape(-1), w.reshape(-1), w_exp, buf.reshape(-1), buf_exp, keys, coefficients, flags,
+            self.numerics.master_bits, self.numerics.rounding)
+        if flags[1]:
+            state["momentum"], state["momentum_exponent"] = buf.view(p.shape), buf_exp
+        state["master"], state["master_exponent"] = w.view(p.shape), w_exp
+        p.copy_(value.view(p.shape))
+        state["version"] = p._version
+        attach_master(p, FixedPoint(state["master"], w_exp, self.numerics.master_bits))
+
+    def _update_flat(self, flat: _FlatState, params, keys, coefficients, flags):
+        bits, rounding = self.numerics.master_bits, self.numerics.rounding
+        layout = flat.layout
+        grad = layout.gather([p.grad for p in params], torch.float32, out=flat.grad)
+        where = (layout.row_segment, layout.first_row, layout.row_offset)
+        momentum, momentum_exp, step, step_exp, step_max = run_staged(
+            direction_kernel, where, grad, flat.master, flat.master_exp, flat.momentum, flat.momentum_exp,
+            keys[:, 0], coefficients, flags, bits, rounding)
+        step_max = layout.spread(segment_max(step_max.squeeze(1), layout.row_segment, layout.first_row))
+        master, master_exp, values = run_staged(apply_kernel, where, flat.master, flat.master_exp,
+                                                momentum if step is None else step, step_exp, step_max,
+                                                keys[:, 1], coefficients[0], bits, rounding)
+        torch._foreach_copy_(params, layout.views(values))
+        flat.master, flat.master_exp, flat.master_views = master, master_exp, layout.views(master)
+        exponents = master_exp.unbind()
+        if momentum is not None:
+            flat.momentum, flat.momentum_exp, flat.momentum_views = momentum, momentum_exp, layout.views(momentum)
+            momentum_exponents = momentum_exp.unbind()
+        for i, p in enumerate(params):
+            state = self.state[p]
+            if momentum is not None:
+                state["momentum"], state["momentum_exponent"] = flat.momentum_views[i], momentum_exponents[i]
+            state["master"], state["master_exponent"] = flat.master_views[i], exponents[i]
+            state["version"] = p._version
+            attach_master(p, FixedPoint(state["master"], exponents[i], bits))
+
+    def _flat_state(self, params, continues_momentum: bool) -> _FlatState:
+        """The flat buffers of ``params``, refilled from the per-parameter state where it was
+        changed from outside (a new parameter, a loaded state dict, a parameter written to)."""
+        flat = self._flat.get(tuple(map(id, params)))
+        if flat is None:
+            flat = self._flat[tuple(map(id, params))] = _FlatState(params)
+        states = [self.state[p] for p in params]
+        dtype = state_dtype(self.numerics.master_bits)
+        if any(s.get("master") is not v or s.get("version") != p._version
+               for s, v, p in zip(states, flat.master_views, params)):
+            masters = [self._master(p, s) for p, s in zip(params, states)]
+            flat.master = flat.layout.gather([m for m, _ in masters], dtype)
+            flat.master_exp = torch.stack([e for _, e in masters])
+            flat.master_views = [None] * len(params)
+        if continues_momentum and any(s["momentum"] is not v for s, v in zip(states, flat.momentum_views)):
+            flat.momentum = flat.layout.gather([s["momentum"] for s in states], dtype)
+            flat.momentum_exp = torch.stack([s["momentum_exponent"] for s in states])
+            flat.momentum_views = [None] * len(params)
+        return flat
 
     def state_dict(self):
         state = super().state_dict()

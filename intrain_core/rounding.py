@@ -28,9 +28,10 @@ def _mix32(h):
     return h ^ (h >> 16)
 
 
-def stream_key(seed: int, counter: int) -> int:
+def stream_key(seed: int, counter):
     """The key of the ``counter``-th rounding of stream ``seed``: 63 bits (a 32-bit and a 31-bit
-    half), so that it is a non-negative int64."""
+    half), so that it is a non-negative int64. ``counter`` may be an int64 tensor of counters
+    (products wrap modulo 2**64, which keeps the low 32 bits exact)."""
     low = _mix32((_mix32(seed & _MASK32) + counter) & _MASK32)
     high = _mix32((low ^ _mix32(((seed >> 32) + counter * 0x9E3779B9 + 0x632BE5AB) & _MASK32)) & _MASK32)
     return ((high >> 1) << 32) | low
@@ -58,9 +59,18 @@ def _mix32_lanes(h: torch.Tensor) -> torch.Tensor:
     return h ^ ((h >> 16) & 0xFFFF)
 
 
-def random_bits(shape, key, device) -> torch.Tensor:
-    """``RANDOM_BITS`` uniform bits per element (int32), a function of ``key`` (an int or a
-    0-dim int64 tensor) and the element's index in row-major order only."""
+def random_bits(shape, key, device, index: torch.Tensor | None = None) -> torch.Tensor:
+    """``RANDOM_BITS`` uniform bits per element (int32), a function of ``key`` (an int or an
+    int64 tensor) and the element's index in row-major order only.
+
+    ``index`` (int32, broadcast to ``shape``) and a ``key`` tensor that broadcasts against it
+    give other elements their own keys and indices: several tensors laid out in one buffer
+    draw what each would draw alone."""
+    if index is not None:
+        key = as_key(key)
+        low, high = _signed32(key & _MASK32).to(torch.int32), _signed32((key >> 32) & _MASK32).to(torch.int32)
+        h = _mix32_lanes(_mix32_lanes(index ^ low) ^ high)
+        return ((h >> (32 - RANDOM_BITS)) & (2**RANDOM_BITS - 1)).expand(shape)
     numel = 1
     for size in shape:
         numel *= size
@@ -95,13 +105,13 @@ def round_float(v: torch.Tensor, rounding: str, key: int) -> torch.Tensor:
     return floor + (random_bits(v.shape, key, v.device) < threshold).to(v.dtype)
 
 
-def shift_right(m: torch.Tensor, shift, rounding: str, key: int = 0) -> torch.Tensor:
+def shift_right(m: torch.Tensor, shift, rounding: str, key: int = 0, index: torch.Tensor | None = None) -> torch.Tensor:
     """Integer ``m / 2**shift`` rounded, on int64 ``m``; ``shift`` is an int or an int64 tensor
     that broadcasts against ``m``, and a negative shift multiplies exactly.
 
     Stochastic: round up when ``r < ceil(rem * 2**24 / 2**shift)``, the integer form of
     ``round_float``: exact probabilities for shifts up to 24, a bias below 2**-24 of a step
-    beyond. The caller keeps ``|m| < 2**62``.
+    beyond. The caller keeps ``|m| < 2**62``. ``index``: as in ``random_bits``.
     """
     if not isinstance(shift, torch.Tensor):
         shift = torch.tensor(shift, dtype=torch.int64, device=m.device)
@@ -110,14 +120,15 @@ def shift_right(m: torch.Tensor, shift, rounding: str, key: int = 0) -> torch.Te
     left = (-shift).clamp(min=0)
     m = m << left
     q = m >> right
-    rem = m - (q << right)
     if rounding == "nearest":
-        half = (right > 0).to(torch.int64) << (right - 1).clamp(min=0)
-        up = (rem > half) | ((rem == half) & (right > 0) & ((q & 1) == 1))
-        return q + up.to(torch.int64)
+        # Half to even in one add: floor((m + 2**(right-1) - 1 + (q & 1)) / 2**right).
+        rounds = (right > 0).to(torch.int64)
+        bias = (rounds << (right - 1).clamp(min=0)) - rounds + (q & rounds)
+        return (m + bias) >> right
+    rem = m & ((torch.ones_like(right) << right) - 1)
     coarse = (right - RANDOM_BITS).clamp(min=0)
     threshold = (rem + (torch.ones_like(coarse) << coarse) - 1) >> coarse  # ceil(rem / 2**(shift - 24)) when shift > 24
-    r = random_bits(m.shape, key, m.device) >> (RANDOM_BITS - right).clamp(min=0)
+    r = random_bits(m.shape, key, m.device, index) >> (RANDOM_BITS - right).clamp(min=0)
     return q + (r < threshold).to(torch.int64)
 
 
@@ -148,6 +159,13 @@ class RoundingStream:
         key = stream_key(self.seed, self.counter)
         self.counter += 1
         return as_key(key)
+
+    def next_keys(self, count: int, device=None) -> torch.Tensor:
+        """The next ``count`` keys at once, as an int64 tensor: what ``count`` calls of
+        ``next_key`` return."""
+        counters = torch.arange(self.counter, self.counter + count, dtype=torch.int64, device=device)
+        self.counter += count
+        return stream_key(self.seed, counters)
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "counter": self.counter}

@@ -117,9 +117,12 @@ def test_norm_forward_backward_and_statistics_same_bits(name):
 
 
 def test_intsgd_update_same_bits():
+    """A parameter updated alone and twenty small ones in flat buffers (enough rows for the
+    compiled path)."""
     def run():
-        params = [torch.nn.Parameter(data(6)), torch.nn.Parameter(data(7)[0, 0, 0])]
-        opt = IntSGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True)
+        small = [torch.nn.Parameter(data(20 + i).view(-1)[:1000].clone()) for i in range(20)]
+        params = [torch.nn.Parameter(data(6)), torch.nn.Parameter(data(7)[0, 0, 0])] + small
+        opt = IntSGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3)
         for step in range(3):
             for i, p in enumerate(params):
                 p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * step + i))
@@ -189,6 +192,24 @@ def test_stream_resumes_from_seed_and_counter():
     resumed = RoundingStream(0)
     resumed.load_state_dict(saved)
     assert [int(resumed.next_key()) for _ in range(3)] == ahead
+
+
+def test_keys_drawn_together_are_the_keys_drawn_one_by_one():
+    together, one_by_one = RoundingStream(2**40 + 5, 2**33), RoundingStream(2**40 + 5, 2**33)
+    keys = together.next_keys(300)
+    assert keys.tolist() == [int(one_by_one.next_key()) for _ in range(300)]
+    assert together.counter == one_by_one.counter
+
+
+def test_tensors_laid_out_in_rows_draw_what_each_draws_alone():
+    """Per-row keys and in-tensor indices (the flat optimiser's rows) give each tensor the bits
+    it draws alone."""
+    keys = [stream_key(3, 5), stream_key(9, 2**40)]
+    rows = torch.tensor(keys).view(2, 1)
+    offset = torch.tensor([[0], [100]], dtype=torch.int32)
+    laid_out = random_bits((2, 100), rows, "cpu", offset + torch.arange(100, dtype=torch.int32))
+    assert torch.equal(laid_out[0], random_bits((100,), keys[0], "cpu"))
+    assert torch.equal(laid_out[1], random_bits((200,), keys[1], "cpu")[100:])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

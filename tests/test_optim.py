@@ -5,8 +5,12 @@ import pytest
 import torch
 
 from intrain_core import Numerics, NonFiniteError, from_fixed
+from intrain_core.fixed_point import fixed_constant, map_deferred
+from intrain_core.flat_layout import ROW
 from intrain_core.ops.weights import master_of
-from intrain_core.optim import IntSGD, build_optimizer, coefficient_bits
+from intrain_core.optim import ALONE_NUMEL, STREAM_SEED_OFFSET, IntSGD, build_optimizer, coefficient_bits
+from intrain_core.rounding import RoundingStream
+from intrain_core.sgd_update import update_definition
 
 STEPS = 100
 SHAPES = [(7, 5), (5,), (3, 4, 2)]
@@ -199,3 +203,77 @@ def test_build_optimizer_follows_the_preset():
     assert type(build_optimizer(p, Numerics.preset("int8_fwd"), lr=0.1)) is torch.optim.SGD
     assert type(build_optimizer(p, Numerics.preset("int8_floatsgd"), lr=0.1)) is torch.optim.SGD
     assert isinstance(build_optimizer(p, Numerics.preset("int8"), lr=0.1, momentum=0.9), IntSGD)
+
+
+# Shapes around the flat layout's rows (shorter than one, exactly one, one element, several rows
+# with a partial last one), and one large enough to be updated alone.
+FLAT_SHAPES = [(3 * ROW - 5,), (7, 5), (ROW,), (1,), (33, 40), (2 * ROW, 3), (ALONE_NUMEL // 64 + 1, 64)]
+
+
+def definition_steps(options, numerics, steps):
+    """Each parameter updated alone by ``update_definition``, drawing the optimiser's keys in
+    its order: per group, two per parameter with a gradient."""
+    gen = torch.Generator().manual_seed(1)
+    values = [torch.randn(s, generator=gen) for s in FLAT_SHAPES]
+    stream = RoundingStream(numerics.seed + STREAM_SEED_OFFSET)
+    cbits = coefficient_bits(numerics.master_bits)
+    constants = [fixed_constant(v, cbits) for v in (-options["lr"], options.get("momentum", 0.0),
+                                                    1.0 - options.get("dampening", 0.0),
+                                                    options.get("weight_decay", 0.0))]
+    coefficients = tuple((torch.tensor(m), torch.tensor(e)) for m, e in constants)
+    states = [{} for _ in values]
+    for step_grads in steps:
+        for i, g in enumerate(step_grads):
+            if g is None:
+                continue
+            state = states[i]
+            if "master" not in state:
+                fp, _ = map_deferred(values[i], numerics.master_bits, "nearest", 0)
+                state["master"], state["exponent"] = fp.mantissa, fp.exponent
+            flags = (constants[3][0] != 0, constants[1][0] != 0, "momentum" not in state,
+                     options.get("nesterov", False), options.get("maximize", False), options.get("dampening", 0) != 0)
+            keys = (stream.next_key(), stream.next_key())
+            master, exponent, momentum, momentum_exp, value = update_definition(
+                g.reshape(-1), state["master"].reshape(-1), state["exponent"],
+                state.get("momentum", state["master"]).reshape(-1), state.get("momentum_exp", state["exponent"]),
+                coefficients, flags, numerics.master_bits, numerics.rounding, keys)
+            if flags[1]:
+                state["momentum"], state["momentum_exp"] = momentum, momentum_exp
+            state["master"], state["exponent"] = master, exponent
+            values[i] = value.view(values[i].shape)
+    return values, states
+
+
+@pytest.mark.parametrize("master_bits", [32, 16, 40])
+@pytest.mark.parametrize("name", sorted(CASES) + ["weight_decay_only", "nesterov_weight_decay", "zero_lr"])
+def test_flat_update_is_the_definition_bit_for_bit(name, master_bits):
+    """Small parameters updated together in flat buffers, and a large one alone, give the
+    integers of the definition applied to each:
+    the gradient's scale spans seven binades, one gradient is all zero, one parameter joins late."""
+    options = {**CASES, "weight_decay_only": dict(lr=0.1, weight_decay=1e-3),
+               "nesterov_weight_decay": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
+               "zero_lr": dict(lr=0.0, momentum=0.9)}[name]
+    numerics = dataclasses.replace(Numerics.preset("int8"), master_bits=master_bits)
+    gen = torch.Generator().manual_seed(5)
+    steps = []
+    for step in range(5):
+        scales = 10.0 ** torch.randint(-6, 2, (len(FLAT_SHAPES),), generator=gen)
+        grads = [torch.randn(s, generator=gen) * float(k) for s, k in zip(FLAT_SHAPES, scales)]
+        grads[3] = torch.zeros(1) if step == 2 else grads[3]
+        grads[1] = None if step < 2 else grads[1]
+        steps.append(grads)
+    expected, states = definition_steps(options, numerics, steps)
+
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in FLAT_SHAPES]
+    opt = IntSGD(params, numerics=numerics, **options)
+    for grads in steps:
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+    for p, value, state in zip(params, expected, states):
+        assert torch.equal(p.detach(), value)
+        assert torch.equal(opt.state[p]["master"].reshape(-1), state["master"].reshape(-1))
+        assert int(opt.state[p]["master_exponent"]) == int(state["exponent"])
+        if "momentum" in state:
+            assert torch.equal(opt.state[p]["momentum"].reshape(-1), state["momentum"].reshape(-1))
