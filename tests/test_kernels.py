@@ -116,6 +116,27 @@ def test_norm_forward_backward_and_statistics_same_bits(name):
     assert same_bits(eager, compiled)
 
 
+def test_masked_relu_same_bits():
+    """Compiled and eager, and against PyTorch's ReLU: outputs and gradients, with zeros, NaN
+    and infinities among the inputs and gradients."""
+    from intrain_core.ops.activation import MaskedReLU
+
+    x, grad = data(9), data(10)
+    x.view(-1)[:4] = torch.tensor([-0.0, float("nan"), float("inf"), -float("inf")])
+    grad.view(-1)[4:7] = torch.tensor([float("inf"), float("nan"), -float("inf")])
+
+    def run(relu):
+        leaf = x.clone().requires_grad_()
+        y = relu(leaf)
+        y.backward(grad)
+        return y, leaf.grad
+
+    eager, compiled = both(lambda: run(MaskedReLU.apply))
+    assert same_bits(eager, compiled)
+    assert same_bits(compiled[0], torch.relu(x))
+    assert same_bits(compiled[1].nan_to_num(123.0), run(torch.relu)[1].nan_to_num(123.0))
+
+
 def test_intsgd_update_same_bits():
     """A parameter updated alone and twenty small ones in flat buffers (enough rows for the
     compiled path)."""

@@ -37,7 +37,7 @@ def test_a_converted_resnet_saves_no_float_activation():
     x = torch.randn(4, 3, 32, 32)
     saved = saved_bytes_by_dtype(convert(small_resnet(), Numerics.preset("int8")), x)
     assert saved[torch.float32] == 0, dict(saved)
-    assert saved[torch.int8] > 0 and saved[torch.bool] > 0
+    assert saved[torch.int8] > 0
     # The float model saves float32 activations; the integer one saves a quarter of that or
     # less (int8 mantissas and one-byte ReLU masks, at most as many elements).
     reference = saved_bytes_by_dtype(small_resnet(), x)

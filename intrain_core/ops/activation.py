@@ -15,15 +15,20 @@ from ..compiled import fused
 from ..registry import FALLBACK, implements, is_float32
 
 
+# The mask is int8 (1 where the gradient stops), not bool: inductor's CPU code (torch 2.14)
+# stores and loads bool tensors element by element. On a 64x64x32x32 tensor the compiled ReLU
+# with a bool mask took 38 ms, with an int8 mask 1.2 ms; the masked gradient 12 ms against
+# 1.0 ms (2-core Xeon, 2026-11-30).
 @fused
 def _relu_and_mask(x):
     y = torch.relu(x)
-    return y, y <= 0  # PyTorch's rule: a NaN output passes its gradient on
+    # PyTorch's rule: a NaN output passes its gradient on.
+    return y, (y <= 0).to(torch.float32).to(torch.int8)
 
 
 @fused
 def _masked(grad, blocked):
-    return torch.where(blocked, 0, grad)  # not grad * mask: Inf * 0 would be NaN
+    return torch.where(blocked.to(torch.float32) > 0.5, 0, grad)  # not grad * mask: Inf * 0 would be NaN
 
 
 class MaskedReLU(torch.autograd.Function):
