@@ -85,7 +85,8 @@ def bit_length(v: torch.Tensor) -> torch.Tensor:
 def _finish(m: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Clamp integer-valued ``m`` (float or int64) to ``+-qmax`` and count the clamps."""
     limit = qmax(bits)
-    m = m.to(torch.int64)
+    # A float holds a mantissa of up to 24 bits exactly, and int32 lanes are twice as many.
+    m = m.to(torch.int32 if m.is_floating_point() and bits <= 24 else torch.int64)
     clamped = (m.abs() > limit).sum()
     return m.clamp(-limit, limit).to(mantissa_dtype(bits)), clamped
 
