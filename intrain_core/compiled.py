@@ -113,6 +113,9 @@ def fused(fn):
                 args.append(next(data) if is_data else value)
             return fn(*args)
 
+        # A code object of its own: dynamo keeps compiled graphs per code object and checks
+        # the guards of each in turn, so one shared by every kernel made each call check dozens.
+        kernel.__code__ = kernel.__code__.replace(co_name=f"{fn.__name__}_{len(kernels)}")
         return torch.compile(kernel, fullgraph=True, dynamic=True)
 
     def run_compiled(entry: _Kernel, options: tuple, data: list):
