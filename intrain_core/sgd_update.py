@@ -1,10 +1,11 @@
 """The arithmetic of one IntSGD step (docs/numerics-contract.md section 8).
 
 ``update_definition`` states it for one parameter, as the contract reads. The optimiser runs
-``direction_kernel`` and ``apply_kernel`` instead: the same integers for every parameter of a
-group at once, on flat buffers (flat_layout.py), with fewer passes over memory. They differ from
-the definition only in how they find each tensor's largest magnitude, and tests/test_optim.py
-checks them bit for bit against it. Three facts remove passes without changing a bit:
+the same integers with fewer passes over memory: ``update_alone_kernel`` for a large parameter,
+``direction_kernel`` then ``apply_kernel`` for the small parameters of a group together, on flat
+buffers (flat_layout.py). They share ``_direction`` and ``_apply`` and differ from the
+definition only in how they find each tensor's largest magnitude; tests/test_optim.py checks
+them bit for bit against it. Three facts remove passes without changing a bit:
 - the gradient's 62-bit mapping puts its largest magnitude in [2**60, 2**61), and the mapping
   is monotone and odd, so the largest mapped value is the mapping of the largest gradient;
 - rounding to nearest (half to even) is monotone and odd too: the largest narrowed value is
