@@ -19,6 +19,10 @@ line, keyed by model name):
   kernels (torch.profiler, one step);
 - ``cpu``: the instruction-set level PyTorch reports; ``kernels``: the GEMM kernel the native
   backend chose, and the count of convolution shape classes that chose each kernel.
+
+``--rounds R`` measures fp32 and int8 alternately R times (each in a fresh process) and reports
+medians over the rounds, plus ``ratio_range``, the smallest and largest ratio of one round: on a
+shared machine step times drift, and alternating lets a slow spell fall on both.
 """
 from __future__ import annotations
 
@@ -173,11 +177,22 @@ def run_isolated(model_name: str, numerics_name: str, steps: int, device: str) -
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def summary(model_name: str, steps: int, device: str) -> dict:
+def _median_of(runs: list[dict]) -> dict:
+    """Each number the median over rounds; the int8-only entries from the median round."""
+    middle = sorted(runs, key=lambda r: r["step_s"])[len(runs) // 2]
+    return {**middle, "step_s": statistics.median(r["step_s"] for r in runs),
+            "peak_bytes": statistics.median(r["peak_bytes"] for r in runs)}
+
+
+def summary(model_name: str, steps: int, device: str, rounds: int = 1) -> dict:
     import torch
 
-    fp32 = run_isolated(model_name, "fp32", steps, device)
-    int8 = run_isolated(model_name, "int8", steps, device)
+    # fp32 and int8 alternate, so that a slow spell of a shared machine falls on both.
+    fp32_runs, int8_runs = [], []
+    for _ in range(rounds):
+        fp32_runs.append(run_isolated(model_name, "fp32", steps, device))
+        int8_runs.append(run_isolated(model_name, "int8", steps, device))
+    fp32, int8 = _median_of(fp32_runs), _median_of(int8_runs)
     bf16 = run_isolated(model_name, "bf16", steps, device)
     result = {
         "model": model_name,
@@ -191,6 +206,10 @@ def summary(model_name: str, steps: int, device: str) -> dict:
         "machine": cpu_name(),
         "kernels": int8["kernels"],
     }
+    if rounds > 1:
+        round_ratios = [i["step_s"] / f["step_s"] for f, i in zip(fp32_runs, int8_runs)]
+        result["rounds"] = rounds
+        result["ratio_range"] = [round(min(round_ratios), 3), round(max(round_ratios), 3)]
     if bf16 is not None:
         result["bf16_step_s"] = round(bf16["step_s"], 4)
         result["bf16_ratio"] = round(bf16["step_s"] / fp32["step_s"], 3)
@@ -211,6 +230,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="one JSON object per model per line")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="fp32 and int8 measured alternately this many times; medians over rounds")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--models", default=None, help="default: resnet18_cifar,vit_tiny_cifar (and vit_b16 on cuda)")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "NUMERICS"), help=argparse.SUPPRESS)
@@ -221,7 +242,7 @@ def main() -> None:
     models = args.models or ("resnet18_cifar,vit_tiny_cifar" + (",vit_b16" if args.device == "cuda" else ""))
     results = []
     for name in models.split(","):
-        results.append(summary(name, args.steps, args.device))
+        results.append(summary(name, args.steps, args.device, args.rounds))
         if args.json:
             print(json.dumps(results[-1]), flush=True)
     if args.json:
