@@ -1,9 +1,9 @@
 """Integer SGD (docs/numerics-contract.md section 8): PyTorch's SGD update in fixed point.
 
 Master weights and momentum buffers are wide integer mantissas (``numerics.master_bits``) with
-one exponent per tensor. The coefficients become fixed-point constants each step. The parameters
-of a group are updated together, small ones in flat buffers, by fused kernels (sgd_update.py): the
-gradient on a 62-bit grid, integer products in int64, sums aligned on a 62-bit grid, and each
+one exponent per tensor. The coefficients become fixed-point constants each step. Large
+parameters are updated one by one and the small ones of a group together, in flat buffers, by
+fused kernels (sgd_update.py): the gradient on a 62-bit grid, integer products in int64, sums aligned on a 62-bit grid, and each
 stored result (momentum, master) re-normalised to ``master_bits`` with one rounding of the run's
 kind: two random draws per element and step.
 """
@@ -31,7 +31,6 @@ STREAM_SEED_OFFSET = 0x5DEECE66D
 # On a 2-core Xeon (2026-11-30) the flat kernels streamed ResNet-18's 11M elements at 13 ns
 # each, the kernel per parameter at 9 ns plus 0.3 ms a call.
 ALONE_NUMEL = 1 << 16
-
 
 
 class _FlatState:
