@@ -3,9 +3,9 @@
 Master weights and momentum buffers are wide integer mantissas (``numerics.master_bits``) with
 one exponent per tensor. The coefficients become fixed-point constants each step. Large
 parameters are updated one by one and the small ones of a group together, in flat buffers, by
-fused kernels (sgd_update.py): the gradient on a 62-bit grid, integer products in int64, sums aligned on a 62-bit grid, and each
-stored result (momentum, master) re-normalised to ``master_bits`` with one rounding of the run's
-kind: two random draws per element and step.
+fused kernels (sgd_update.py): the gradient on a 62-bit grid, integer products in int64, sums
+aligned on a 62-bit grid, and each stored result (momentum, master) re-normalised to
+``master_bits`` with one rounding of the run's kind: two random draws per element and step.
 """
 from __future__ import annotations
 
