@@ -45,10 +45,6 @@ class FlatLayout:
         return [line[start * ROW:start * ROW + n].view(shape)
                 for start, n, shape in zip(self.starts, self.numels, self.shapes)]
 
-    def spread(self, per_tensor: torch.Tensor) -> torch.Tensor:
-        """One value per tensor, repeated on each of its rows: ``(rows, 1)``."""
-        return per_tensor[self.row_segment].unsqueeze(1)
-
     def gather(self, tensors, dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         """``tensors`` copied into a flat buffer (``out`` if given; its padding must be zero)."""
         flat = self.empty(dtype) if out is None else out
@@ -60,3 +56,8 @@ def segment_max(per_row: torch.Tensor, row_segment: torch.Tensor, first_row: tor
     """Each tensor's largest value of ``per_row`` (one value per row of the layout)."""
     per_tensor = torch.zeros(first_row.shape, dtype=per_row.dtype, device=per_row.device)
     return per_tensor.scatter_reduce(0, row_segment, per_row, "amax")
+
+
+def spread_segment_max(per_row: torch.Tensor, row_segment: torch.Tensor, first_row: torch.Tensor) -> torch.Tensor:
+    """Per-row maxima ``(rows, 1)`` made each tensor's maximum, repeated on its rows."""
+    return segment_max(per_row.squeeze(1), row_segment, first_row)[row_segment].unsqueeze(1)

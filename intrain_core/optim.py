@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 
 from .fixed_point import FixedPoint, NonFiniteError, fixed_constant, from_fixed, map_deferred, nonfinite_message
-from .flat_layout import FlatLayout, segment_max
+from .flat_layout import FlatLayout, spread_segment_max
 from .numerics import Numerics
 from .ops.weights import attach_master, contexts_of
 from .rounding import RoundingStream
@@ -147,7 +147,7 @@ class IntSGD(torch.optim.Optimizer):
         momentum, momentum_exp, step, step_exp, step_max = run_staged(
             direction_kernel, where, grad, flat.master, flat.master_exp, flat.momentum, flat.momentum_exp,
             keys[:, 0], coefficients, flags, bits, rounding)
-        step_max = layout.spread(segment_max(step_max.squeeze(1), layout.row_segment, layout.first_row))
+        step_max = spread_segment_max(step_max, layout.row_segment, layout.first_row)
         master, master_exp, values = run_staged(apply_kernel, where, flat.master, flat.master_exp,
                                                 momentum if step is None else step, step_exp, step_max,
                                                 keys[:, 1], coefficients[0], bits, rounding)

@@ -20,7 +20,7 @@ import torch
 from .compiled import fused
 from .fixed_point import (add_fixed, bit_length, from_fixed, map_kernel, narrowing_shift, qmax, requantize_kernel,
                           scale_by_pow2, top_exponent)
-from .flat_layout import segment_max
+from .flat_layout import spread_segment_max
 from .rounding import shift_right
 
 # The gradient enters on a 62-bit grid: exact for every element within 37 binades of its
@@ -97,6 +97,13 @@ def _narrowed(m, e, top, bits: int, rounding: str, key=0, index=None):
     return shift_right(m, shift, rounding, key, index).clamp(-limit, limit), e + shift
 
 
+def _nearest_with_max(m, e, largest, bits: int):
+    """``_narrowed`` to nearest, with the narrowed largest magnitude: rounding to nearest is
+    monotone and odd, so it is the narrowing of ``largest``."""
+    narrowed, exponent = _narrowed(m, e, bit_length(largest), bits, "nearest")
+    return narrowed, exponent, _narrowed(largest, e, bit_length(largest), bits, "nearest")[0]
+
+
 class _Rows:
     """A flat layout inside a kernel: per-tensor values spread over rows, the element indices
     within each tensor, and the largest magnitudes that staged kernels are handed.
@@ -156,7 +163,7 @@ def run_staged(kernel, layout, *args):
         result = kernel(layout, known, *args)
         if isinstance(result, tuple):
             return result
-        known += tuple(segment_max(r.squeeze(1), row_segment, first_row)[row_segment].unsqueeze(1) for r in result)
+        known += tuple(spread_segment_max(r, row_segment, first_row) for r in result)
 
 
 def _direction(rows, grad, w, w_exp, buf, buf_exp, keys, coefficients, flags, bits: int, rounding: str):
@@ -166,7 +173,7 @@ def _direction(rows, grad, w, w_exp, buf, buf_exp, keys, coefficients, flags, bi
     lr, mu, keep, wd = coefficients
     has_wd, has_momentum, first, nesterov, maximize, damped = flags
     continues = has_momentum and not first
-    limit, wide = qmax(bits), qmax(WIDE_BITS)
+    wide = qmax(WIDE_BITS)
     g = grad.to(torch.float32)
     if maximize:
         g = -g
@@ -190,10 +197,8 @@ def _direction(rows, grad, w, w_exp, buf, buf_exp, keys, coefficients, flags, bi
         else:
             term, term_exp, term_max = d, d_exp, d_max
             if damped:
-                shift = narrowing_shift(bit_length(d_max), bits)
-                term = shift_right(d, shift, "nearest").clamp(-limit, limit) * keep[0]
-                term_max = shift_right(d_max, shift, "nearest").clamp(-limit, limit) * keep[0].abs()
-                term_exp = d_exp + shift + keep[1]
+                term, term_exp, term_max = _nearest_with_max(d, d_exp, d_max, bits)
+                term, term_exp, term_max = term * keep[0], term_exp + keep[1], term_max * keep[0].abs()
             decay_exp = rows.spread(buf_exp) + mu[1]
             tops = (top_exponent(other_max.pop(0) * mu[0].abs(), decay_exp), top_exponent(term_max, term_exp))
             total, grid = add_fixed(buf * mu[0], decay_exp, term, term_exp, tops)
@@ -213,10 +218,8 @@ def _direction(rows, grad, w, w_exp, buf, buf_exp, keys, coefficients, flags, bi
         momentum, momentum_exp = momentum.to(state_dtype(bits)), rows.collect(momentum_exp)
     if rows.wanted is not None:
         return rows.wanted
-    shift = narrowing_shift(bit_length(d_max), bits)
-    step = shift_right(d, shift, "nearest").clamp(-limit, limit)
-    step_max = shift_right(d_max, shift, "nearest").clamp(-limit, limit)
-    return momentum, momentum_exp, step.to(state_dtype(bits)), d_exp + shift, step_max
+    step, step_exp, step_max = _nearest_with_max(d, d_exp, d_max, bits)
+    return momentum, momentum_exp, step.to(state_dtype(bits)), step_exp, step_max
 
 
 def _apply(rows, w, w_exp, step, step_exp, step_max, keys, lr, bits: int, rounding: str):
