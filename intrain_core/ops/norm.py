@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..compiled import fused
 from ..fixed_point import (add_fixed, bit_length, fixed_constant, from_fixed, map_at_deferred, map_deferred, qmax,
-                           requantize)
+                           requantize, widen)
 from ..registry import FALLBACK, implements, is_float32
 from ..rounding import round_half_up_shift
 from .weights import map_weight
@@ -75,7 +75,7 @@ def _floor_log2(value: float) -> int:
 # --- training statistics --------------------------------------------------------------------
 def group_sums(m: torch.Tensor):
     """S1 and S2 per group of the (A, G, B) view, int64: what ranks add to share statistics."""
-    wide = m.to(torch.int64)
+    wide = widen(m)
     return wide.sum((0, 2), keepdim=True), (wide * wide).sum((0, 2), keepdim=True)
 
 
@@ -108,7 +108,7 @@ def centred_shift(n: int, bits: int) -> int:
 
 def _xhat(m, s1, inv, inv_exp, n, c_shift: int):
     """xhat with FRACTION_BITS fractional bits: c 2**k / sqrt(V) for c = n m - s1."""
-    c = round_half_up_shift(n * m.to(torch.int64) - s1, c_shift)
+    c = round_half_up_shift(n * widen(m) - s1, c_shift)
     return round_half_up_shift(c * inv, -(inv_exp + FRACTION_BITS + c_shift))
 
 
@@ -130,7 +130,7 @@ def _running_inverse(var_r: torch.Tensor, eps: float) -> tuple[torch.Tensor, tor
 def _eval_xhat(m, exponent, mean_fixed, inv, inv_exp):
     """xhat = (x - running_mean) / sqrt(running_var + eps) with FRACTION_BITS fractional bits;
     c is in units of 2**(s - FRACTION_BITS)."""
-    c, c_shift = narrow((m.to(torch.int64) << FRACTION_BITS) - mean_fixed)
+    c, c_shift = narrow((widen(m) << FRACTION_BITS) - mean_fixed)
     return round_half_up_shift(c * inv, -(inv_exp + exponent + c_shift))
 
 
@@ -138,7 +138,7 @@ def _eval_xhat(m, exponent, mean_fixed, inv, inv_exp):
 def _affine(xhat, gamma_m, beta_m, exponent):
     acc = xhat
     if gamma_m is not None:
-        acc = acc * gamma_m.to(torch.int64)
+        acc = acc * widen(gamma_m)
     if beta_m is not None:
         acc = acc + beta_m
     return from_fixed(acc, exponent)
@@ -159,10 +159,10 @@ def _forward_evaluation(m, x_exp, mean_fixed, inv, inv_exp, gamma_m, beta_m, exp
 def _affine_gradients(g, gamma_m, xhat, affine_dims: tuple):
     """Integer sums for d(loss)/d(gamma) (FRACTION_BITS units) and d(loss)/d(beta), and
     d = g gamma = d(loss)/d(xhat), in xhat's (A, G, B) view."""
-    wide = g.to(torch.int64)
+    wide = widen(g)
     grad_weight = (wide * xhat.reshape(g.shape)).sum(affine_dims) if gamma_m is not None else None
     grad_bias = wide.sum(affine_dims)
-    d = wide if gamma_m is None else wide * gamma_m.to(torch.int64)
+    d = wide if gamma_m is None else wide * widen(gamma_m)
     return grad_weight, grad_bias, d.reshape(xhat.shape)
 
 
@@ -195,9 +195,9 @@ def _backward_sums_only(m, s1, inv, inv_exp, g, gamma_m, n, c_shift: int, affine
 
 def _inner(m, s1, inv, inv_exp, g, gamma_m, n, c_shift: int, total, projection):
     xhat = _xhat(m, s1, inv, inv_exp, n, c_shift)
-    d = g.to(torch.int64)
+    d = widen(g)
     if gamma_m is not None:
-        d = d * gamma_m.to(torch.int64)
+        d = d * widen(gamma_m)
     return backward_inner(xhat, d.reshape(xhat.shape), total, projection, n)
 
 
@@ -334,7 +334,7 @@ def update_running(context, running, momentum, s1, variance, count, exponent, fi
     for buffer, (bm, be) in ((running[0], batch_mean), (running[1], batch_var)):
         old, _ = map_deferred(buffer.detach().float(), STATISTICS_BITS, "nearest", 0)
         bm, b_shift = narrow(bm)
-        total, grid = add_fixed(old.mantissa.to(torch.int64) * keep[0], old.exponent + keep[1],
+        total, grid = add_fixed(widen(old.mantissa) * keep[0], old.exponent + keep[1],
                                 bm * take[0], be + b_shift + take[1])
         new = requantize(total, grid, STATISTICS_BITS, n_.rounding, context.key())
         value = from_fixed(new.mantissa, new.exponent).to(buffer.dtype)
