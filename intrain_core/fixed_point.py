@@ -91,10 +91,10 @@ def bit_length(v: torch.Tensor) -> torch.Tensor:
 
 
 def _finish(m: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clamp integer-valued ``m`` (float or int64) to ``+-qmax`` and count the clamps."""
+    """Clamp integer-valued ``m`` (float, int32 or int64) to ``+-qmax`` and count the clamps."""
     limit = qmax(bits)
     # A float holds a mantissa of up to 24 bits exactly, and int32 lanes are twice as many.
-    m = m.to(torch.int32 if m.is_floating_point() and bits <= 24 else torch.int64)
+    m = m.to(torch.int32 if (m.is_floating_point() and bits <= 24) or m.dtype == torch.int32 else torch.int64)
     clamped = (m.abs() > limit).sum()
     return m.clamp(-limit, limit).to(mantissa_dtype(bits)), clamped
 
@@ -120,6 +120,11 @@ def map_kernel(x: torch.Tensor, bits: int, rounding: str, key: int):
     exponent, finite = shared_exponent(xf, bits)
     m, clamped = _finish(rounded_mantissas(xf, exponent, rounding, key), bits)
     return m, exponent, clamped, finite
+
+
+# A mapping is two dozen eager ops: compiled, even a bias of 64 elements maps in a third of
+# the time (100 against 270 us on a 2-core Xeon, 2026-12-01). The same holds for the two below.
+map_kernel.min_numel = 0
 
 
 def to_fixed(x: torch.Tensor, bits: int = 8, rounding: str = "stochastic", key: int = 0,
@@ -177,6 +182,9 @@ def map_at_kernel(x: torch.Tensor, exponent: torch.Tensor, limit: int, rounding:
     return m.clamp(-limit, limit), clamped, torch.isfinite(xf).all()
 
 
+map_at_kernel.min_numel = 0
+
+
 def to_fixed_at(x: torch.Tensor, exponent: torch.Tensor, limit: int, rounding: str = "stochastic",
                 key: int = 0, where: str = "tensor") -> FixedPoint:
     """Map ``x`` onto a given exponent, saturating at ``+-limit``: how a bias joins an
@@ -203,10 +211,17 @@ def narrowing_shift(top: torch.Tensor, bits: int) -> torch.Tensor:
 
 @fused
 def requantize_kernel(m: torch.Tensor, exponent: torch.Tensor, bits: int, rounding: str, key: int):
-    m = m.to(torch.int64)
-    shift = narrowing_shift(bit_length(m.abs().amax()), bits)
+    # Mantissas of up to 32 bits stay in int32: a narrowing shift keeps every intermediate
+    # below 2**31 (the largest right shift is 32 - bits; a left shift only lifts a tensor
+    # below 2**(bits - 1) up to it; masters stay within +-(2**31 - 1)). int32 lanes are twice
+    # as many as int64 ones.
+    m = m.to(torch.int32 if m.dtype in (torch.int8, torch.int16, torch.int32) else torch.int64)
+    shift = narrowing_shift(bit_length(m.abs().amax().to(torch.int64)), bits)
     narrowed, clamped = _finish(shift_right(m, shift, rounding, key), bits)
     return narrowed, exponent + shift, clamped
+
+
+requantize_kernel.min_numel = 0
 
 
 def requantize(mantissa: torch.Tensor, exponent: torch.Tensor, bits: int, rounding: str = "stochastic",

@@ -106,7 +106,8 @@ def round_float(v: torch.Tensor, rounding: str, key: int) -> torch.Tensor:
 
 
 def shift_right(m: torch.Tensor, shift, rounding: str, key: int = 0, index: torch.Tensor | None = None) -> torch.Tensor:
-    """Integer ``m / 2**shift`` rounded, on int64 ``m``; ``shift`` is an int or an int64 tensor
+    """Integer ``m / 2**shift`` rounded, in ``m``'s dtype (int64, or int32 where the caller
+    keeps ``m << -shift`` and ``2**shift`` within it); ``shift`` is an int or an int64 tensor
     that broadcasts against ``m``, and a negative shift multiplies exactly.
 
     Stochastic: round up when ``r < ceil(rem * 2**24 / 2**shift)``, the integer form of
@@ -121,6 +122,10 @@ def shift_right(m: torch.Tensor, shift, rounding: str, key: int = 0, index: torc
     m = m << left
     q = m >> right
     if rounding == "nearest":
+        if m.dtype != torch.int64:  # the biased sum below could pass 2**31: compare instead
+            rem = m & ((torch.ones_like(right) << right) - 1)
+            half = (torch.ones_like(right) << right) >> 1
+            return q + ((rem > half) | ((rem == half) & (right > 0) & ((q & 1) == 1))).to(q.dtype)
         # Half to even in one add: floor((m + 2**(right-1) - 1 + (q & 1)) / 2**right).
         rounds = (right > 0).to(torch.int64)
         bias = (rounds << (right - 1).clamp(min=0)) - rounds + (q & rounds)
@@ -129,7 +134,7 @@ def shift_right(m: torch.Tensor, shift, rounding: str, key: int = 0, index: torc
     coarse = (right - RANDOM_BITS).clamp(min=0)
     threshold = (rem + (torch.ones_like(coarse) << coarse) - 1) >> coarse  # ceil(rem / 2**(shift - 24)) when shift > 24
     r = random_bits(m.shape, key, m.device, index) >> (RANDOM_BITS - right).clamp(min=0)
-    return q + (r < threshold).to(torch.int64)
+    return q + (r < threshold).to(q.dtype)
 
 
 def round_half_up_shift(v: torch.Tensor, shift) -> torch.Tensor:

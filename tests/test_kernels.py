@@ -76,6 +76,22 @@ def test_requantize_and_map_at_same_bits():
         assert int(e.clamped) == int(c.clamped)
 
 
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_requantize_in_int32_lanes_is_the_int64_result(rounding):
+    """Masters of up to 32 bits narrow in int32; the same values in int64 take the int64 path.
+    Magnitudes from 1 bit to 31 (where a biased round-to-nearest sum would pass 2**31)."""
+    generator = torch.Generator().manual_seed(4)
+    for top in (1, 6, 7, 8, 20, 25, 30, 31):
+        wide = torch.randint(-(2**top) + 1, 2**top, SHAPE, generator=generator, dtype=torch.int64)
+        wide[0, 0, 0, 0] = 2**top - 1
+        exponent, key = torch.tensor(-9), stream_key(2, top)
+        for lanes32, lanes64 in both(lambda: (requantize(wide.to(torch.int32), exponent, 8, rounding, key),
+                                              requantize(wide, exponent, 8, rounding, key))):
+            assert same_bits(lanes32.mantissa, lanes64.mantissa), top
+            assert int(lanes32.exponent) == int(lanes64.exponent)
+            assert int(lanes32.clamped) == int(lanes64.clamped)
+
+
 def test_from_fixed_same_bits():
     acc = (data() * 2**28).to(torch.int64)
     eager, compiled = both(lambda: from_fixed(acc, torch.tensor(-37)))
