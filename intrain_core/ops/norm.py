@@ -33,7 +33,7 @@ from ..compiled import fused
 from ..fixed_point import (add_fixed, bit_length, fixed_constant, from_fixed, map_at_deferred, map_deferred, qmax,
                            requantize, widen)
 from ..registry import FALLBACK, implements, is_float32
-from ..rounding import round_half_up_shift
+from ..rounding import as_key, round_half_up_shift
 from .weights import map_weight
 
 FRACTION_BITS = 16
@@ -324,21 +324,34 @@ class IntegerNorm(torch.autograd.Function):
 def update_running(context, running, momentum, s1, variance, count, exponent, finite):
     """running = (1 - momentum) running + momentum batch_stat, in fixed point; the variance
     is the unbiased one, as in PyTorch. A step whose input was not finite changes nothing."""
-    n_ = context.numerics
+    keys = (as_key(context.key()), as_key(context.key()))
+    mean, var = _running_statistics(running[0].detach(), running[1].detach(), s1, variance, exponent, finite, keys,
+                                     count, momentum, context.numerics.rounding)
+    running[0].copy_(mean)
+    running[1].copy_(var)
+
+
+@fused
+def _running_statistics(mean, var, s1, variance, exponent, finite, keys, count: int, momentum: float, rounding: str):
+    """``update_running``'s new buffers: one kernel, where eager ops took 3-4 ms per layer."""
     keep, take = fixed_constant(1.0 - momentum, 24), fixed_constant(momentum, 24)
     # batch mean = s1 / n * 2**exponent, with 24 fractional bits of a mantissa step
     batch_mean = (torch.div(s1 << 24, count, rounding_mode="floor"), exponent - 24)
     # unbiased variance = variance / (n (n - 1)) * 2**(2 exponent)
     shift = (61 - bit_length(variance.amax())).clamp(min=0)
     batch_var = (torch.div(variance << shift, count * max(count - 1, 1), rounding_mode="floor"), 2 * exponent - shift)
-    for buffer, (bm, be) in ((running[0], batch_mean), (running[1], batch_var)):
-        old, _ = map_deferred(buffer.detach().float(), STATISTICS_BITS, "nearest", 0)
+    updated = []
+    for buffer, (bm, be), key in ((mean, batch_mean, keys[0]), (var, batch_var, keys[1])):
+        old, _ = map_deferred(buffer.float(), STATISTICS_BITS, "nearest", 0)
         bm, b_shift = narrow(bm)
         total, grid = add_fixed(widen(old.mantissa) * keep[0], old.exponent + keep[1],
                                 bm * take[0], be + b_shift + take[1])
-        new = requantize(total, grid, STATISTICS_BITS, n_.rounding, context.key())
-        value = from_fixed(new.mantissa, new.exponent).to(buffer.dtype)
-        buffer.copy_(torch.where(finite, value, buffer))
+        new = requantize(total, grid, STATISTICS_BITS, rounding, key)
+        updated.append(torch.where(finite, from_fixed(new.mantissa, new.exponent).to(buffer.dtype), buffer))
+    return tuple(updated)
+
+
+_running_statistics.min_numel = 0
 
 
 def _float_backward(ctx, grad):
