@@ -76,7 +76,7 @@ def scale_by_pow2(x: torch.Tensor, exponent) -> torch.Tensor:
 
 def widen(t: torch.Tensor) -> torch.Tensor:
     """``t`` as int64. Bytes go through int32: inductor's CPU vector code converts int8 straight
-    to int64 about ten times slower than in two steps (docs/findings.md)."""
+    to int64 over ten times slower than in two steps (docs/findings.md)."""
     if t.dtype in (torch.int8, torch.uint8):
         t = t.to(torch.int32)
     return t.to(torch.int64)

@@ -123,8 +123,8 @@ def shift_right(m: torch.Tensor, shift, rounding: str, key: int = 0, index: torc
     q = m >> right
     if rounding == "nearest":
         if m.dtype != torch.int64:  # the biased sum below could pass 2**31: compare instead
-            rem = m & ((torch.ones_like(right) << right) - 1)
-            half = (torch.ones_like(right) << right) >> 1
+            step = torch.ones_like(right) << right
+            rem, half = m & (step - 1), step >> 1
             return q + ((rem > half) | ((rem == half) & (right > 0) & ((q & 1) == 1))).to(q.dtype)
         # Half to even in one add: floor((m + 2**(right-1) - 1 + (q & 1)) / 2**right).
         rounds = (right > 0).to(torch.int64)
