@@ -100,8 +100,9 @@ def _narrowed(m, e, top, bits: int, rounding: str, key=0, index=None):
 def _nearest_with_max(m, e, largest, bits: int):
     """``_narrowed`` to nearest, with the narrowed largest magnitude: rounding to nearest is
     monotone and odd, so it is the narrowing of ``largest``."""
-    narrowed, exponent = _narrowed(m, e, bit_length(largest), bits, "nearest")
-    return narrowed, exponent, _narrowed(largest, e, bit_length(largest), bits, "nearest")[0]
+    top = bit_length(largest)
+    narrowed, exponent = _narrowed(m, e, top, bits, "nearest")
+    return narrowed, exponent, _narrowed(largest, e, top, bits, "nearest")[0]
 
 
 class _Rows:

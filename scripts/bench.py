@@ -45,6 +45,9 @@ GEMM_OPS = {"aten::_int_mm", "aten::mm", "aten::bmm", "aten::addmm", "aten::badd
             "aten::cudnn_convolution", "aten::mkldnn_matmul"}
 
 
+MODELS = ("resnet18_cifar", "vit_tiny_cifar", "vit_b16")
+
+
 def build_model(name: str):
     import timm
     import torch
@@ -59,7 +62,7 @@ def build_model(name: str):
         return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=4), 32
     if name == "vit_b16":
         return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=1000), 224
-    raise ValueError(f"unknown benchmark model {name!r}; available: resnet18_cifar, vit_tiny_cifar, vit_b16")
+    raise ValueError(f"unknown benchmark model {name!r}; available: {', '.join(MODELS)}")
 
 
 def _timed(fn, device: str) -> float:
@@ -187,7 +190,6 @@ def _median_of(runs: list[dict]) -> dict:
 def summary(model_name: str, steps: int, device: str, rounds: int = 1) -> dict:
     import torch
 
-    # fp32 and int8 alternate, so that a slow spell of a shared machine falls on both.
     fp32_runs, int8_runs = [], []
     for _ in range(rounds):
         fp32_runs.append(run_isolated(model_name, "fp32", steps, device))
@@ -239,7 +241,12 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(*args.one, args.steps, args.device)))
         return
+    if args.steps < 1 or args.rounds < 1:
+        raise SystemExit(f"bench: --steps and --rounds must be at least 1 (got {args.steps} and {args.rounds})")
     models = args.models or ("resnet18_cifar,vit_tiny_cifar" + (",vit_b16" if args.device == "cuda" else ""))
+    unknown = [name for name in models.split(",") if name not in MODELS]
+    if unknown:
+        raise SystemExit(f"bench: unknown model {unknown[0]!r} in --models; available: {', '.join(MODELS)}")
     results = []
     for name in models.split(","):
         results.append(summary(name, args.steps, args.device, args.rounds))
