@@ -12,6 +12,9 @@ median of ``--steps`` steps after two warm-up steps (the first compiles every fu
 Per model, one JSON object (``--json``: each as it is measured, then all of them on the last
 line, keyed by model name):
 - ``fp32_step_s``, ``int8_step_s``, ``ratio`` (int8 over fp32), ``peak_mem_ratio``;
+- ``live_mem_ratio``: the same for the peak of live tensors in one step (on CPU from the
+  allocator's running total, which the heap malloc keeps for reuse does not enter; on CUDA it is
+  ``peak_mem_ratio``);
 - ``bf16_step_s`` and ``bf16_ratio``: float32 under bfloat16 autocast, where the device runs it;
 - ``optimizer_ratio``: one IntSGD step over one ``torch.optim.SGD(foreach=True)`` step on the
   same parameters and gradients;
@@ -110,7 +113,8 @@ def measure(model_name: str, numerics_name: str, steps: int, device: str) -> dic
     before = _reset_peak_rss()
     times = [_timed(step, device) for _ in range(steps)]
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss() - before
-    result = {"step_s": statistics.median(times), "peak_bytes": peak}
+    live = peak if device == "cuda" else _live_peak_bytes(step)
+    result = {"step_s": statistics.median(times), "peak_bytes": peak, "live_peak_bytes": live}
     if numerics_name == "int8":
         forward_backward()
         result["optimizer_s"] = statistics.median(_timed(optimizer.step, device) for _ in range(steps))
@@ -144,6 +148,24 @@ def _reset_peak_rss() -> int:
 
 def _peak_rss() -> int:
     return _status_kib("VmHWM") * 1024
+
+
+def _live_peak_bytes(step) -> int:
+    """The most bytes of tensors that one step holds at once beyond those alive before it: the
+    CPU allocator's running total (torch.profiler's memory events), as CUDA's
+    ``max_memory_allocated``. Memory that malloc keeps after a free is not in it."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as folder:
+        trace = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    return max((e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"), default=0)
 
 
 def _non_gemm_share(step) -> float:
@@ -184,7 +206,7 @@ def _median_of(runs: list[dict]) -> dict:
     """Each number the median over rounds; the int8-only entries from the median round."""
     middle = sorted(runs, key=lambda r: r["step_s"])[len(runs) // 2]
     return {**middle, "step_s": statistics.median(r["step_s"] for r in runs),
-            "peak_bytes": statistics.median(r["peak_bytes"] for r in runs)}
+            **{key: statistics.median(r[key] for r in runs) for key in ("peak_bytes", "live_peak_bytes")}}
 
 
 def summary(model_name: str, steps: int, device: str, rounds: int = 1) -> dict:
@@ -202,6 +224,7 @@ def summary(model_name: str, steps: int, device: str, rounds: int = 1) -> dict:
         "int8_step_s": round(int8["step_s"], 4),
         "ratio": round(int8["step_s"] / fp32["step_s"], 3),
         "peak_mem_ratio": round(int8["peak_bytes"] / max(fp32["peak_bytes"], 1), 3),
+        "live_mem_ratio": round(int8["live_peak_bytes"] / max(fp32["live_peak_bytes"], 1), 3),
         "optimizer_ratio": round(int8["optimizer_s"] / int8["sgd_s"], 3),
         "non_gemm_share": round(int8["non_gemm_share"], 3),
         "cpu": torch.backends.cpu.get_cpu_capability(),
@@ -256,11 +279,11 @@ def main() -> None:
         print(json.dumps({r["model"]: r for r in results}))
         return
     print(f"{cpu_name()} ({results[0]['cpu']}), batch {BATCH}, device {args.device}")
-    print(f"{'model':<16}{'fp32 s':>9}{'int8 s':>9}{'ratio':>7}{'bf16':>7}{'mem':>7}{'opt':>7}{'non-GEMM':>10}  kernels")
+    print(f"{'model':<16}{'fp32 s':>9}{'int8 s':>9}{'ratio':>7}{'bf16':>7}{'mem':>7}{'live':>7}{'opt':>7}{'non-GEMM':>10}  kernels")
     for r in results:
         print(f"{r['model']:<16}{r['fp32_step_s']:>9.3f}{r['int8_step_s']:>9.3f}{r['ratio']:>7.2f}"
-              f"{r.get('bf16_ratio', float('nan')):>7.2f}{r['peak_mem_ratio']:>7.2f}{r['optimizer_ratio']:>7.2f}"
-              f"{r['non_gemm_share']:>10.2f}  {r['kernels']}")
+              f"{r.get('bf16_ratio', float('nan')):>7.2f}{r['peak_mem_ratio']:>7.2f}{r['live_mem_ratio']:>7.2f}"
+              f"{r['optimizer_ratio']:>7.2f}{r['non_gemm_share']:>10.2f}  {r['kernels']}")
 
 
 if __name__ == "__main__":
