@@ -12,8 +12,8 @@ median of ``--steps`` steps after two warm-up steps (the first compiles every fu
 Per model, one JSON object (``--json``: each as it is measured, then all of them on the last
 line, keyed by model name):
 - ``fp32_step_s``, ``int8_step_s``, ``ratio`` (int8 over fp32), ``peak_mem_ratio``;
-- ``live_mem_ratio``: the same for the peak of live tensors in one step (on CPU from the
-  allocator's running total, which the heap malloc keeps for reuse does not enter; on CUDA it is
+- ``live_mem_ratio``: the same for the peak of live tensors in one step (on CPU the
+  allocator's running total, without the freed memory that malloc keeps; on CUDA it is
   ``peak_mem_ratio``);
 - ``bf16_step_s`` and ``bf16_ratio``: float32 under bfloat16 autocast, where the device runs it;
 - ``optimizer_ratio``: one IntSGD step over one ``torch.optim.SGD(foreach=True)`` step on the
