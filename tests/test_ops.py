@@ -35,6 +35,7 @@ CASES = [
     ("conv_transpose", lambda c, x, w, b: conv.conv_transpose2d(c, x, w, b, 2, 1, 1), lambda x, w, b: F.conv_transpose2d(x, w, b, 2, 1, 1), [(2, 6, 5, 5), (6, 3, 3, 3), (3,)]),
     ("matmul_batched", lambda c, a, b: matmul.matmul(c, a, b), torch.matmul, [(2, 3, 7, 9), (2, 3, 9, 4)]),
     ("matmul_broadcast", lambda c, a, b: matmul.matmul(c, a, b), torch.matmul, [(2, 3, 7, 9), (9, 4)]),
+    ("matmul_expanded", lambda c, a, b: matmul.matmul(c, a, b), torch.matmul, [(2, 1, 7, 9), (2, 3, 9, 4)]),
 ]
 
 

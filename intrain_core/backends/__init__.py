@@ -1,7 +1,8 @@
 """Integer kernels. Every backend returns exact integer accumulators, so all agree bit for bit.
 
 A kernel takes integer mantissa tensors and the bound ``product_bound = qmax_a * qmax_b`` on
-one product, and returns the exact integer sums in ``acc_dtype`` (int32 or int64).
+one product, and returns the exact integer sums in ``acc_dtype`` (int32 or int64). A matmul
+called with ``float_ok`` may return them in float32 instead, where float32 holds them exactly.
 """
 from __future__ import annotations
 

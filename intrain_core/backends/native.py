@@ -85,6 +85,15 @@ def gemm_kernel(device_type: str) -> str:
     return "int_mm" if int_time < float_time else "float_exact"
 
 
+def _float_operand(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, dense in the order a batched float GEMM reads without another copy:
+    a mantissa mapped from a permuted view keeps that view's strides, which the GEMM would
+    copy again to fold the batch dimensions; a transposed matrix stays transposed."""
+    if t.dim() > 2 and t.stride(-2) == 1 and t.stride(-1) != 1:
+        return t.transpose(-1, -2).to(dtype, memory_format=torch.contiguous_format).transpose(-1, -2)
+    return t.to(dtype, memory_format=torch.contiguous_format)
+
+
 def _int_mm_ok(a: torch.Tensor, b: torch.Tensor, product_bound: int, acc_dtype: torch.dtype) -> bool:
     if a.dtype != torch.int8 or b.dtype != torch.int8 or acc_dtype != torch.int32:
         return False
@@ -97,14 +106,18 @@ def _int_mm_ok(a: torch.Tensor, b: torch.Tensor, product_bound: int, acc_dtype: 
     return True
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, product_bound: int, acc_dtype: torch.dtype) -> torch.Tensor:
-    """Exact ``a @ b`` of integer tensors, broadcast like torch.matmul."""
+def matmul(a: torch.Tensor, b: torch.Tensor, product_bound: int, acc_dtype: torch.dtype,
+           float_ok: bool = False) -> torch.Tensor:
+    """Exact ``a @ b`` of integer tensors, broadcast like torch.matmul. ``float_ok``: a float32
+    result of the float unit is returned as it is (it holds the exact integers), without the
+    pass that converts it to ``acc_dtype``."""
     if gemm_kernel(a.device.type) == "int_mm" and _int_mm_ok(a, b, product_bound, acc_dtype):
         return int_mm(a, b)
     k = a.shape[-1]
     dtype, chunk = _exact_float(1, product_bound)
     if k <= chunk:
-        return _to_acc(torch.matmul(a.to(dtype), b.to(dtype)), acc_dtype)
+        result = torch.matmul(_float_operand(a, dtype), _float_operand(b, dtype))
+        return result if float_ok and dtype == torch.float32 else _to_acc(result, acc_dtype)
     acc = None
     for start in range(0, k, chunk):
         part = torch.matmul(a[..., start:start + chunk].to(dtype), b[..., start:start + chunk, :].to(dtype))

@@ -12,8 +12,9 @@ def _check_int64(acc: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
     return acc.to(acc_dtype)
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, product_bound: int, acc_dtype: torch.dtype) -> torch.Tensor:
-    """``a @ b`` for integer tensors (batched like torch.matmul)."""
+def matmul(a: torch.Tensor, b: torch.Tensor, product_bound: int, acc_dtype: torch.dtype,
+           float_ok: bool = False) -> torch.Tensor:
+    """``a @ b`` for integer tensors (batched like torch.matmul), always in ``acc_dtype``."""
     return _check_int64(torch.matmul(a.long(), b.long()), acc_dtype)
 
 

@@ -11,9 +11,11 @@ from ..registry import FALLBACK, implements, is_float32
 def _sum_to_shape(acc: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Integer sum over the batch dimensions that broadcasting added or expanded."""
     extra = acc.dim() - len(shape)
+    expanded = tuple(i for i, size in enumerate(shape) if size == 1 and acc.shape[extra + i] != 1)
+    if (extra or expanded) and acc.is_floating_point():
+        acc = acc.to(torch.int64)  # float32 that holds exact integers; its sums might not be
     if extra:
         acc = acc.sum(dim=tuple(range(extra)), dtype=torch.int64)
-    expanded = tuple(i for i, size in enumerate(shape) if size == 1 and acc.shape[i] != 1)
     if expanded:
         acc = acc.sum(dim=expanded, keepdim=True, dtype=torch.int64)
     return acc
@@ -27,7 +29,7 @@ class IntegerMatmul(torch.autograd.Function):
         bq = context.map(b, n.forward_bits, context.where(op, "right operand", layer))
         k = a.shape[-1]
         acc_dtype, bound = context.accumulator(k, n.forward_bits, n.forward_bits)
-        acc = context.backend.matmul(aq.mantissa, bq.mantissa, bound, acc_dtype)
+        acc = context.backend.matmul(aq.mantissa, bq.mantissa, bound, acc_dtype, float_ok=True)
         y = from_fixed(acc, aq.exponent + bq.exponent)
         ctx.context, ctx.layer, ctx.op = context, layer, op
         ctx.shapes = (a.shape, b.shape)
@@ -57,10 +59,10 @@ class IntegerMatmul(torch.autograd.Function):
         gq = context.map(grad_y, n.backward_bits, context.where(op, "grad_output", layer))
         g = gq.mantissa
         acc_dtype, bound = context.accumulator(g.shape[-1], n.backward_bits, n.forward_bits)
-        grad_a = context.backend.matmul(g, b.transpose(-1, -2), bound, acc_dtype)
+        grad_a = context.backend.matmul(g, b.transpose(-1, -2), bound, acc_dtype, float_ok=True)
         # Sums over broadcast batch dimensions happen afterwards, in int64.
         acc_dtype, bound = context.accumulator(g.shape[-2], n.backward_bits, n.forward_bits)
-        grad_b = context.backend.matmul(a.transpose(-1, -2), g, bound, acc_dtype)
+        grad_b = context.backend.matmul(a.transpose(-1, -2), g, bound, acc_dtype, float_ok=True)
         grad_a = from_fixed(_sum_to_shape(grad_a, a_shape), gq.exponent + sb)
         grad_b = from_fixed(_sum_to_shape(grad_b, b_shape), gq.exponent + sa)
         context.record(op, "backward", True, 2 * ctx.macs, layer)
