@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .compiled import fused
-from .rounding import as_key, check_rounding, round_float, shift_right
+from .rounding import as_key, check_rounding, round_float, shift_right, transposed_index
 
 
 class NonFiniteError(FloatingPointError):
@@ -108,9 +108,10 @@ def shared_exponent(xf: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
     return torch.where((amax > 0) & finite, top - (bits - 2), 0), finite
 
 
-def rounded_mantissas(xf: torch.Tensor, exponent: torch.Tensor, rounding: str, key: int) -> torch.Tensor:
+def rounded_mantissas(xf: torch.Tensor, exponent: torch.Tensor, rounding: str, key: int,
+                      index: torch.Tensor | None = None) -> torch.Tensor:
     """``R(xf * 2**-exponent)``, integer values still in float32 (exact for up to 24 bits)."""
-    return round_float(scale_by_pow2(xf, -exponent), rounding, key)
+    return round_float(scale_by_pow2(xf, -exponent), rounding, key, index)
 
 
 @fused
@@ -125,6 +126,28 @@ def map_kernel(x: torch.Tensor, bits: int, rounding: str, key: int):
 # A mapping is two dozen eager ops: compiled, even a bias of 64 elements maps in a third of
 # the time (100 against 270 us on a 2-core Xeon, 2026-12-01). The same holds for the two below.
 map_kernel.min_numel = 0
+
+
+@fused
+def map_transposed_kernel(xt: torch.Tensor, bits: int, rounding: str, key: int):
+    """``map_kernel`` of ``xt.transpose(-1, -2)`` for a dense ``xt``, computed in ``xt``'s
+    memory order; the mantissas come back in that order."""
+    xf = xt.to(torch.float32).reshape(-1, *xt.shape[-2:])
+    exponent, finite = shared_exponent(xf, bits)
+    m, clamped = _finish(rounded_mantissas(xf, exponent, rounding, key, transposed_index(xt.shape, xt.device)), bits)
+    return m.view(xt.shape), exponent, clamped, finite
+
+
+map_transposed_kernel.min_numel = 0
+
+
+def _reads_down_columns(x: torch.Tensor) -> bool:
+    """``x`` is laid out as a transpose in its last two dimensions (an attention key, K^T), and
+    its indices fit in int32. Mapping it through the view read memory with a stride of a row and
+    took twice as long as copying its transpose's rows together and mapping those in memory
+    order (timm's key of a ViT-tiny, 5.7 against 2.7 ms, 2026-12-01)."""
+    return (x.dim() >= 2 and x.shape[-1] > 1 and x.shape[-2] > 1 and x.stride(-2) == 1 and x.stride(-1) != 1
+            and x.numel() < 2**31)
 
 
 def to_fixed(x: torch.Tensor, bits: int = 8, rounding: str = "stochastic", key: int = 0,
@@ -148,6 +171,10 @@ def map_deferred(x: torch.Tensor, bits: int, rounding: str, key: int) -> tuple[F
     if x.numel() == 0:
         zero = torch.zeros((), dtype=torch.int64, device=x.device)
         return FixedPoint(torch.zeros(x.shape, dtype=dtype, device=x.device), zero, bits, zero), zero == 0
+    if _reads_down_columns(x):
+        xt = x.detach().transpose(-1, -2).contiguous()
+        m, exponent, clamped, finite = map_transposed_kernel(xt, bits, rounding, as_key(key))
+        return FixedPoint(m.transpose(-1, -2), exponent, bits, clamped), finite
     m, exponent, clamped, finite = map_kernel(x.detach(), bits, rounding, as_key(key))
     return FixedPoint(m, exponent, bits, clamped), finite
 

@@ -85,24 +85,40 @@ def random_bits(shape, key, device, index: torch.Tensor | None = None) -> torch.
     return ((h >> (32 - RANDOM_BITS)) & (2**RANDOM_BITS - 1)).view(shape)
 
 
+def transposed_index(shape, device) -> torch.Tensor:
+    """The row-major indices (int32) of the elements of a (..., R, C) tensor, arranged as its
+    transpose, whose shape (..., C, R) is ``shape``, with the leading dimensions flattened: a
+    transposed view drawn in memory order draws what it would draw in its own order. Built
+    from one range per axis, which compiled code computes from its loop counters instead of
+    dividing a flat index."""
+    columns, rows = shape[-2], shape[-1]
+    batch = 1
+    for size in shape[:-2]:
+        batch *= size
+    return ((torch.arange(batch, dtype=torch.int32, device=device) * (rows * columns)).view(batch, 1, 1)
+            + torch.arange(columns, dtype=torch.int32, device=device).view(1, columns, 1)
+            + (torch.arange(rows, dtype=torch.int32, device=device) * columns).view(1, 1, rows))
+
+
 def check_rounding(rounding: str) -> None:
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {list(ROUNDINGS)}, got {rounding!r}")
 
 
-def round_float(v: torch.Tensor, rounding: str, key: int) -> torch.Tensor:
+def round_float(v: torch.Tensor, rounding: str, key: int, index: torch.Tensor | None = None) -> torch.Tensor:
     """Round float values to integer values (still float).
 
     Stochastic: ``floor(v) + [r < frac(v) * 2**24]`` with ``r`` uniform on [0, 2**24): frac and
     frac * 2**24 are exact in float32, so the chance of rounding up is ceil(frac * 2**24) / 2**24,
     a bias below 2**-24 of a step (``floor(v + u)`` would add a rounding of the sum).
+    ``index``: as in ``random_bits``.
     """
     if rounding == "nearest":
         return torch.round(v)
     floor = torch.floor(v)
     # r < f for an integer r is r < ceil(f): compared as integers.
     threshold = torch.ceil((v - floor) * float(2**RANDOM_BITS)).to(torch.int32)
-    return floor + (random_bits(v.shape, key, v.device) < threshold).to(v.dtype)
+    return floor + (random_bits(v.shape, key, v.device, index) < threshold).to(v.dtype)
 
 
 def shift_right(m: torch.Tensor, shift, rounding: str, key: int = 0, index: torch.Tensor | None = None) -> torch.Tensor:

@@ -59,6 +59,21 @@ def test_mapping_same_bits_compiled_and_eager(bits, rounding):
     assert int(eager[0].clamped) == int(compiled[0].clamped) and bool(eager[1]) == bool(compiled[1])
 
 
+@pytest.mark.parametrize("rows, columns", [((4, 6, 40, 72), slice(None)), ((96, 600), slice(200, 400))])
+def test_transposed_view_maps_as_its_dense_copy(rows, columns):
+    """A view laid out as a transpose (an attention key K^T, also when K is a slice of a wider
+    tensor) is mapped in memory order with the indices of its own order: the same bits as
+    mapping a dense copy, compiled and eager."""
+    x = torch.randn(rows, generator=torch.Generator().manual_seed(5))[..., columns].transpose(-1, -2)
+    key = stream_key(3, 9)
+    with compilation(False):
+        dense = map_deferred(x.contiguous(), 8, "stochastic", key)[0]
+    eager, compiled = both(lambda: map_deferred(x, 8, "stochastic", key)[0])
+    for fp in (eager, compiled):
+        assert fp.mantissa.transpose(-1, -2).is_contiguous()  # it took the memory-order path
+        assert torch.equal(fp.mantissa, dense.mantissa) and int(fp.exponent) == int(dense.exponent)
+
+
 def test_non_finite_flag_is_raised_compiled_and_eager():
     x = data()
     x[1, 2, 3, 4] = float("nan")
