@@ -59,12 +59,12 @@ def test_mapping_same_bits_compiled_and_eager(bits, rounding):
     assert int(eager[0].clamped) == int(compiled[0].clamped) and bool(eager[1]) == bool(compiled[1])
 
 
-@pytest.mark.parametrize("rows, columns", [((4, 6, 40, 72), slice(None)), ((96, 600), slice(200, 400))])
-def test_transposed_view_maps_as_its_dense_copy(rows, columns):
+@pytest.mark.parametrize("shape, columns", [((4, 6, 40, 72), slice(None)), ((96, 600), slice(200, 400))])
+def test_transposed_view_maps_as_its_dense_copy(shape, columns):
     """A view laid out as a transpose (an attention key K^T, also when K is a slice of a wider
     tensor) is mapped in memory order with the indices of its own order: the same bits as
     mapping a dense copy, compiled and eager."""
-    x = torch.randn(rows, generator=torch.Generator().manual_seed(5))[..., columns].transpose(-1, -2)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5))[..., columns].transpose(-1, -2)
     key = stream_key(3, 9)
     with compilation(False):
         dense = map_deferred(x.contiguous(), 8, "stochastic", key)[0]
