@@ -114,17 +114,21 @@ def rounded_mantissas(xf: torch.Tensor, exponent: torch.Tensor, rounding: str, k
     return round_float(scale_by_pow2(xf, -exponent), rounding, key, index)
 
 
-@fused
-def map_kernel(x: torch.Tensor, bits: int, rounding: str, key: int):
-    """The mapping in one pass for the maximum and one for the mantissas."""
-    xf = x.to(torch.float32)
+def _mapped(xf: torch.Tensor, bits: int, rounding: str, key: int, index: torch.Tensor | None = None):
+    """(mantissas, exponent, clamps, finite) of float32 ``xf``; ``index`` as in ``random_bits``."""
     exponent, finite = shared_exponent(xf, bits)
-    m, clamped = _finish(rounded_mantissas(xf, exponent, rounding, key), bits)
+    m, clamped = _finish(rounded_mantissas(xf, exponent, rounding, key, index), bits)
     return m, exponent, clamped, finite
 
 
+@fused
+def map_kernel(x: torch.Tensor, bits: int, rounding: str, key: int):
+    """The mapping in one pass for the maximum and one for the mantissas."""
+    return _mapped(x.to(torch.float32), bits, rounding, key)
+
+
 # A mapping is two dozen eager ops: compiled, even a bias of 64 elements maps in a third of
-# the time (100 against 270 us on a 2-core Xeon, 2026-12-01). The same holds for the two below.
+# the time (100 against 270 us on a 2-core Xeon, 2026-12-01). The same holds for the kernels below.
 map_kernel.min_numel = 0
 
 
@@ -133,8 +137,7 @@ def map_transposed_kernel(xt: torch.Tensor, bits: int, rounding: str, key: int):
     """``map_kernel`` of ``xt.transpose(-1, -2)`` for a dense ``xt``, computed in ``xt``'s
     memory order; the mantissas come back in that order."""
     xf = xt.to(torch.float32).reshape(-1, *xt.shape[-2:])
-    exponent, finite = shared_exponent(xf, bits)
-    m, clamped = _finish(rounded_mantissas(xf, exponent, rounding, key, transposed_index(xt.shape, xt.device)), bits)
+    m, exponent, clamped, finite = _mapped(xf, bits, rounding, key, transposed_index(xt.shape, xt.device))
     return m.view(xt.shape), exponent, clamped, finite
 
 
