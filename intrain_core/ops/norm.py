@@ -58,7 +58,9 @@ def reciprocal_sqrt(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """1 / sqrt(v) per element of a positive int64 tensor, as (mantissa in (2**30, 2**31],
     exponent)."""
     p = (62 - bit_length(v)) // 2  # v * 4**p has 61 or 62 bits: in [2**60, 2**62)
-    scaled = torch.where(p >= 0, v << (2 * p).clamp(min=0), v >> (-2 * p).clamp(min=0))
+    # Shifts both ways, one of them by 0, instead of torch.where: inductor's AVX2 code (torch
+    # 2.14.1) selected the wrong branch of a where on an int64 comparison (docs/findings.md).
+    scaled = (v << (2 * p).clamp(min=0)) >> (-2 * p).clamp(min=0)
     return (1 << 61) // isqrt(scaled), p - 61
 
 
