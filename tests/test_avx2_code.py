@@ -7,9 +7,12 @@ norm's reciprocal square root wrong (docs/findings.md). Run in a subprocess with
 ``ATEN_CPU_CAPABILITY=avx2`` and an inductor cache of its own (kernels cached for one vector
 width must not reach a process using another)."""
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,6 +35,7 @@ print(torch.backends.cpu.get_cpu_capability())
 """
 
 
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="AVX2 is an x86 instruction set")
 def test_norm_statistics_compiled_for_avx2_match_eager(tmp_path):
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
            "PYTHONPATH": str(ROOT)}
