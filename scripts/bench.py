@@ -15,7 +15,9 @@ line, keyed by model name):
 - ``live_mem_ratio``: the same for the peak of live tensors in one step (on CPU the
   allocator's running total, without the freed memory that malloc keeps; on CUDA it is
   ``peak_mem_ratio``);
-- ``bf16_step_s`` and ``bf16_ratio``: float32 under bfloat16 autocast, where the device runs it;
+- ``bf16_step_s`` and ``bf16_ratio``: float32 under bfloat16 autocast, where the device has
+  bfloat16 arithmetic (CUDA; CPUs with AVX-512 BF16 or AMX: elsewhere oneDNN emulates it, and
+  one ResNet-18 step ran for minutes on an AVX2-only EPYC, 2026-12-02);
 - ``optimizer_ratio``: one IntSGD step over one ``torch.optim.SGD(foreach=True)`` step on the
   same parameters and gradients;
 - ``non_gemm_share``: the share of the int8 step's self time outside GEMM and convolution
@@ -217,7 +219,7 @@ def summary(model_name: str, steps: int, device: str, rounds: int = 1) -> dict:
         fp32_runs.append(run_isolated(model_name, "fp32", steps, device))
         int8_runs.append(run_isolated(model_name, "int8", steps, device))
     fp32, int8 = _median_of(fp32_runs), _median_of(int8_runs)
-    bf16 = run_isolated(model_name, "bf16", steps, device)
+    bf16 = run_isolated(model_name, "bf16", steps, device) if has_bf16_arithmetic(device) else None
     result = {
         "model": model_name,
         "fp32_step_s": round(fp32["step_s"], 4),
@@ -239,6 +241,12 @@ def summary(model_name: str, steps: int, device: str, rounds: int = 1) -> dict:
         result["bf16_step_s"] = round(bf16["step_s"], 4)
         result["bf16_ratio"] = round(bf16["step_s"] / fp32["step_s"], 3)
     return result
+
+
+def has_bf16_arithmetic(device: str) -> bool:
+    import torch
+
+    return device == "cuda" or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def cpu_name() -> str:

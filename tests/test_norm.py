@@ -195,3 +195,34 @@ def test_evaluation_with_zero_running_variance_divides_by_sqrt_eps():
     y = norm.batch_norm(make_ctx(), x, mean, var, None, None, False, 0.1, 1e-5)
     bound = expected.abs() * 2.0**-22 + 2.0 ** -(FRACTION_BITS + 1)
     assert ((y.double() - expected).abs() <= bound).all(), (y - expected).abs().max()
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_table_lookup_gives_the_per_element_bits(monkeypatch, affine):
+    """The int8 training batch norm's output by table (per channel and mantissa level, then
+    gathered) against the per-element arithmetic it replaces: outputs, gradients and running
+    statistics bit for bit, with a channel of equal values and one of large values among them."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(16, 6, 9, 9, generator=gen) * 3 + 1
+    x[:, 0] = 2.5
+    x[:, 1] *= 1e3
+    dy = torch.randn(x.shape, generator=gen)
+    dy[:, 2] *= 1e-3
+    w, b = torch.rand(6, generator=gen) + 0.5, torch.randn(6, generator=gen)
+    by_table = norm.by_table
+    taken = []
+
+    def run(table):
+        monkeypatch.setattr(norm, "by_table", lambda *args: taken.append(table) or (table and by_table(*args)))
+        leaf = x.clone().requires_grad_()
+        wl, bl = (w.clone().requires_grad_(), b.clone().requires_grad_()) if affine else (None, None)
+        rm, rv = torch.zeros(6), torch.ones(6)
+        y = norm.batch_norm(make_ctx(), leaf, rm, rv, wl, bl, True, 0.1, 1e-5)
+        y.backward(dy)
+        return [y, leaf.grad, rm, rv] + ([wl.grad, bl.grad] if affine else [])
+
+    per_element, table = run(False), run(True)
+    assert by_table(torch.zeros(1, 1, 1, dtype=torch.int8), 1, True) and taken == [False, True]
+    for a, t in zip(per_element, table, strict=True):
+        assert torch.equal(a.view(torch.int32) if a.is_floating_point() else a,
+                           t.view(torch.int32) if t.is_floating_point() else t)

@@ -79,7 +79,8 @@ class IntegerSyncNorm(torch.autograd.Function):
         c_shift = norm.centred_shift(count, bits)
         y = norm.forward_training(m, s1, inv, inv_exp, count, c_shift,
                                    gamma.mantissa.reshape(affine) if gamma is not None else None,
-                                   beta.mantissa.reshape(affine) if beta is not None else None, exponent, x.shape)
+                                   beta.mantissa.reshape(affine) if beta is not None else None, exponent, x.shape,
+                                   per_channel=True)
         if running is not None:
             norm.update_running(context, running, momentum, s1.flatten(), variance.flatten(), count, x_exp, finite)
         ctx.context, ctx.layer, ctx.group, ctx.count, ctx.c_shift = context, layer, group, count, c_shift
