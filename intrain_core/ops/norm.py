@@ -188,10 +188,12 @@ def _levels(device) -> torch.Tensor:
     return torch.arange(-LEVELS // 2, LEVELS // 2, dtype=torch.int64, device=device).view(1, 1, LEVELS)
 
 
-def _lookup(table: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """``table[0, group, level]`` for every mantissa of the (A, G, B) view ``m``."""
+def _lookup(table: torch.Tensor, m: torch.Tensor, shape) -> torch.Tensor:
+    """``table[0, group, level]`` for every mantissa of the (A, G, B) view ``m``, in ``shape``:
+    indexed in that shape, the result is a tensor of its own, not a view, which an autograd
+    Function may return to in-place ops."""
     groups = torch.arange(m.shape[1], dtype=torch.int64, device=m.device).view(1, -1, 1)
-    return table.reshape(-1)[groups * LEVELS + widen(m) + LEVELS // 2]
+    return table.reshape(-1)[(groups * LEVELS + widen(m) + LEVELS // 2).reshape(shape)]
 
 
 @fused
@@ -203,7 +205,7 @@ def _output_table(s1, inv, inv_exp, n, c_shift: int, gamma_m, beta_m, exponent):
 
 @fused
 def _gather(table, m, shape):
-    return _lookup(table, m).reshape(shape)
+    return _lookup(table, m, shape)
 
 
 _output_table.min_numel = 0  # C x 256 values: one compiled loop instead of a dozen eager passes
