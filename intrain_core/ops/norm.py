@@ -77,7 +77,8 @@ def _floor_log2(value: float) -> int:
 # --- training statistics --------------------------------------------------------------------
 def group_sums(m: torch.Tensor):
     """S1 and S2 per group of the (A, G, B) view, int64: what ranks add to share statistics."""
-    if m.dtype == torch.int8:  # squares in int32 lanes: AVX2 has no 64-bit vector multiply
+    if m.dtype in (torch.int8, torch.int16):
+        # Squares (at most 2**30) in int32 lanes: AVX2 has no 64-bit vector multiply.
         m32 = m.to(torch.int32)
         return widen(m32).sum((0, 2), keepdim=True), widen(m32 * m32).sum((0, 2), keepdim=True)
     wide = widen(m)
@@ -152,7 +153,7 @@ def _affine(xhat, gamma_m, beta_m, exponent):
 def forward_training(m, s1, inv, inv_exp, n, c_shift: int, gamma_m, beta_m, exponent, shape, per_channel: bool):
     """The normalised output from the batch statistics; ``m`` in the (A, G, B) view, the affine
     terms broadcast against x's ``shape``; ``per_channel``: the groups are x's channels."""
-    if by_table(m, n, per_channel):
+    if by_table(m, per_channel):
         table = _output_table(s1, inv, inv_exp, n, c_shift, _per_group(gamma_m), _per_group(beta_m), exponent)
         return _gather(table, m, shape)
     return _forward_training(m, s1, inv, inv_exp, n, c_shift, gamma_m, beta_m, exponent, shape)
@@ -172,12 +173,11 @@ def _forward_training(m, s1, inv, inv_exp, n, c_shift: int, gamma_m, beta_m, exp
 # took 6.6 ms for the gather against 18 ms for the arithmetic on an AVX2-only EPYC
 # (docs/findings.md); the backward's products depend on the gradient too and stay per element.
 LEVELS = 256
-TABLE_MAX_COUNT = 2**40  # counts whose tables the int64 arithmetic of _xhat holds
 
 
-def by_table(m, n, per_channel: bool) -> bool:
+def by_table(m, per_channel: bool) -> bool:
     """Whether the table path applies: int8 mantissas, one group per channel (batch norm)."""
-    return per_channel and m.dtype == torch.int8 and n < TABLE_MAX_COUNT
+    return per_channel and m.dtype == torch.int8
 
 
 def _per_group(t):
@@ -186,14 +186,6 @@ def _per_group(t):
 
 def _levels(device) -> torch.Tensor:
     return torch.arange(-LEVELS // 2, LEVELS // 2, dtype=torch.int64, device=device).view(1, 1, LEVELS)
-
-
-def _lookup(table: torch.Tensor, m: torch.Tensor, shape) -> torch.Tensor:
-    """``table[0, group, level]`` for every mantissa of the (A, G, B) view ``m``, in ``shape``:
-    indexed in that shape, the result is a tensor of its own, not a view, which an autograd
-    Function may return to in-place ops."""
-    groups = torch.arange(m.shape[1], dtype=torch.int64, device=m.device).view(1, -1, 1)
-    return table.reshape(-1)[(groups * LEVELS + widen(m) + LEVELS // 2).reshape(shape)]
 
 
 @fused
@@ -205,7 +197,11 @@ def _output_table(s1, inv, inv_exp, n, c_shift: int, gamma_m, beta_m, exponent):
 
 @fused
 def _gather(table, m, shape):
-    return _lookup(table, m, shape)
+    """``table[0, group, level]`` for every mantissa of the (A, G, B) view ``m``, in ``shape``:
+    indexed in that shape, the result is a tensor of its own, not a view, which an autograd
+    Function may return to in-place ops."""
+    groups = torch.arange(m.shape[1], dtype=torch.int64, device=m.device).view(1, -1, 1)
+    return table.reshape(-1)[(groups * LEVELS + widen(m) + LEVELS // 2).reshape(shape)]
 
 
 _output_table.min_numel = 0  # C x 256 values: one compiled loop instead of a dozen eager passes
