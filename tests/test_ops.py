@@ -319,6 +319,57 @@ def test_int_mm_reads_strided_operands_exactly():
             assert torch.equal(int_mm(a_form, b_used).long(), a_form.long() @ b_used.long())
 
 
+def _product_to_float(backend, a, b, exponents):
+    from intrain_core.backends import native
+
+    ea, eb = (torch.tensor(e) for e in exponents)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("INTRAIN_GEMM_KERNEL", "float_exact")
+        native.gemm_kernel.cache_clear()
+        try:
+            return backend.matmul_to_float(a, ea, b, eb, 127 * 127, torch.int32)
+        finally:
+            native.gemm_kernel.cache_clear()
+
+
+@pytest.mark.parametrize("exponents", [(0, 0), (-10, -12), (-126, 0), (103, 0), (-60, -66),  # scales folded
+                                       (-127, 0), (104, -1), (-60, -70), (60, 50)])  # outside: converted after
+def test_product_mapped_back_is_the_reference_at_any_exponents(exponents):
+    """The float unit's product with the powers of two folded into its operands, and the
+    conversion after it where they would leave float32's normal range: both are from_fixed of
+    the exact integer product, bit for bit (transposed operands, as attention's K^T)."""
+    from intrain_core.backends import native, reference
+    from test_kernels import same_bits
+
+    gen = torch.Generator().manual_seed(6)
+    a = torch.randint(-127, 128, (2, 3, 7, 40), dtype=torch.int8, generator=gen)
+    b = torch.randint(-127, 128, (2, 3, 5, 40), dtype=torch.int8, generator=gen).transpose(-1, -2)
+    assert same_bits(_product_to_float(native, a, b, exponents), _product_to_float(reference, a, b, exponents))
+
+
+def test_scales_fold_only_where_every_partial_sum_stays_normal():
+    """At the bounds' edges: a product whose partial sums would pass float32's largest value
+    though its total is 0, and a 2**-127 operand that a CPU flushing subnormals (FTZ/DAZ) reads
+    as 0. Both must still give the reference's value."""
+    from intrain_core.backends import native, reference
+
+    a = torch.tensor([[127] * 20 + [-127] * 20], dtype=torch.int8)
+    b = torch.full((40, 1), 127, dtype=torch.int8)
+    assert _product_to_float(native, a, b, (104, 6)).item() == 0.0
+    small = torch.ones(1, 40, dtype=torch.int8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the flush mode is per thread
+    flushing = torch.set_flush_denormal(True)
+    try:
+        expected = _product_to_float(reference, small, b, (-127, 0))
+        result = _product_to_float(native, small, b, (-127, 0))
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
+    assert flushing and expected.item() == 40 * 127 * 2.0**-127
+    assert torch.equal(result, expected)
+
+
 def test_convolution_kernel_is_measured_once_per_size_band(monkeypatch):
     """Images of nearby sizes (a detector's batches) share one measured choice per kind."""
     from intrain_core.backends import native

@@ -1,8 +1,9 @@
 """Integer kernels. Every backend returns exact integer accumulators, so all agree bit for bit.
 
 A kernel takes integer mantissa tensors and the bound ``product_bound = qmax_a * qmax_b`` on
-one product, and returns the exact integer sums in ``acc_dtype`` (int32 or int64). A matmul
-called with ``float_ok`` may return them in float32 instead, where float32 holds them exactly.
+one product, and returns the exact integer sums in ``acc_dtype`` (int32 or int64);
+``matmul_to_float`` returns a product already mapped back (``from_fixed``), which lets a backend
+fold the scale into the GEMM.
 """
 from __future__ import annotations
 

@@ -29,6 +29,7 @@ from torch.nn.grad import conv2d_input as _conv2d_input
 from torch.nn.grad import conv2d_weight as _conv2d_weight
 
 from . import im2col
+from ..fixed_point import from_fixed
 from .int_mm import int_mm
 
 FLOAT32_EXACT = 2**24
@@ -85,13 +86,14 @@ def gemm_kernel(device_type: str) -> str:
     return "int_mm" if int_time < float_time else "float_exact"
 
 
-def _float_operand(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` in ``dtype``, dense in the order a batched float GEMM reads without another copy:
-    a mantissa mapped from a permuted view keeps that view's strides, which the GEMM would
+def _float_operand(t: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """``t * scale`` in ``dtype``, dense in the order a batched float GEMM reads without another
+    copy: a mantissa mapped from a permuted view keeps that view's strides, which the GEMM would
     copy again to fold the batch dimensions; a transposed matrix stays transposed."""
     if t.dim() > 2 and t.stride(-2) == 1 and t.stride(-1) != 1:
-        return t.transpose(-1, -2).to(dtype, memory_format=torch.contiguous_format).transpose(-1, -2)
-    return t.to(dtype, memory_format=torch.contiguous_format)
+        return _float_operand(t.transpose(-1, -2), dtype, scale).transpose(-1, -2)
+    result = t.to(dtype, memory_format=torch.contiguous_format)
+    return result if scale == 1.0 else result.mul_(scale)
 
 
 def _int_mm_ok(a: torch.Tensor, b: torch.Tensor, product_bound: int, acc_dtype: torch.dtype) -> bool:
@@ -106,24 +108,54 @@ def _int_mm_ok(a: torch.Tensor, b: torch.Tensor, product_bound: int, acc_dtype: 
     return True
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, product_bound: int, acc_dtype: torch.dtype,
-           float_ok: bool = False) -> torch.Tensor:
-    """Exact ``a @ b`` of integer tensors, broadcast like torch.matmul. ``float_ok``: a float32
-    result of the float unit is returned as it is (it holds the exact integers), without the
-    pass that converts it to ``acc_dtype``."""
+def matmul(a: torch.Tensor, b: torch.Tensor, product_bound: int, acc_dtype: torch.dtype) -> torch.Tensor:
+    """Exact ``a @ b`` of integer tensors, broadcast like torch.matmul, in ``acc_dtype``."""
     if gemm_kernel(a.device.type) == "int_mm" and _int_mm_ok(a, b, product_bound, acc_dtype):
         return int_mm(a, b)
     k = a.shape[-1]
     dtype, chunk = _exact_float(1, product_bound)
     if k <= chunk:
-        result = torch.matmul(_float_operand(a, dtype), _float_operand(b, dtype))
-        return result if float_ok and dtype == torch.float32 else _to_acc(result, acc_dtype)
+        return _to_acc(torch.matmul(_float_operand(a, dtype), _float_operand(b, dtype)), acc_dtype)
     acc = None
     for start in range(0, k, chunk):
         part = torch.matmul(a[..., start:start + chunk].to(dtype), b[..., start:start + chunk, :].to(dtype))
         part = _to_acc(part, acc_dtype)
         acc = part if acc is None else acc.add_(part)
     return acc
+
+
+# A float32 operand m 2**e with |m| <= 2**24, and a sum of products below 2**24 units of
+# 2**(ea + eb), are normal float32 numbers while every exponent stays within these bounds.
+SCALED_EXPONENTS = (-126, 127 - 24)
+
+
+def _scales_fold(exponents: tuple[int, int]) -> bool:
+    low, high = SCALED_EXPONENTS
+    return all(low <= e <= high for e in (*exponents, sum(exponents)))
+
+
+def matmul_to_float(a: torch.Tensor, exponent_a: torch.Tensor, b: torch.Tensor, exponent_b: torch.Tensor,
+                    product_bound: int, acc_dtype: torch.dtype) -> torch.Tensor:
+    """``from_fixed(a @ b, exponent_a + exponent_b)``.
+
+    Where the float unit computes the product (the reduction within float32's exact range), the
+    powers of two fold into the operands' cast on a CPU: every product and partial sum is then
+    the exact integer times 2**(ea + eb), a normal float32 while the exponents keep within
+    SCALED_EXPONENTS, so the GEMM's result is already ``from_fixed``'s and the pass that scales
+    an activation-size result is saved (reading the exponents costs no device wait there).
+    """
+    k = a.shape[-1]
+    dtype, chunk = _exact_float(1, product_bound)
+    float_unit = not (gemm_kernel(a.device.type) == "int_mm" and _int_mm_ok(a, b, product_bound, acc_dtype))
+    if not (float_unit and k <= chunk and dtype == torch.float32):
+        return from_fixed(matmul(a, b, product_bound, acc_dtype), exponent_a + exponent_b)
+    if a.device.type == "cpu":
+        exponents = (int(exponent_a), int(exponent_b))
+        if _scales_fold(exponents):
+            return torch.matmul(_float_operand(a, dtype, 2.0 ** exponents[0]),
+                                _float_operand(b, dtype, 2.0 ** exponents[1]))
+    # float32 holding the exact integers: from_fixed reads it as it reads int32
+    return from_fixed(torch.matmul(_float_operand(a, dtype), _float_operand(b, dtype)), exponent_a + exponent_b)
 
 
 KERNELS = ("int_mm", "float_exact")

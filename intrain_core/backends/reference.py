@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..fixed_point import from_fixed
+
 
 def _check_int64(acc: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
     if acc_dtype == torch.int32:
@@ -12,10 +14,15 @@ def _check_int64(acc: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
     return acc.to(acc_dtype)
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, product_bound: int, acc_dtype: torch.dtype,
-           float_ok: bool = False) -> torch.Tensor:
+def matmul(a: torch.Tensor, b: torch.Tensor, product_bound: int, acc_dtype: torch.dtype) -> torch.Tensor:
     """``a @ b`` for integer tensors (batched like torch.matmul), always in ``acc_dtype``."""
     return _check_int64(torch.matmul(a.long(), b.long()), acc_dtype)
+
+
+def matmul_to_float(a: torch.Tensor, exponent_a: torch.Tensor, b: torch.Tensor, exponent_b: torch.Tensor,
+                    product_bound: int, acc_dtype: torch.dtype) -> torch.Tensor:
+    """``from_fixed(a @ b, exponent_a + exponent_b)``, the int64 sums converted as they are."""
+    return from_fixed(matmul(a, b, product_bound, acc_dtype), exponent_a + exponent_b)
 
 
 def _pair(v):

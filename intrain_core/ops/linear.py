@@ -62,9 +62,9 @@ class IntegerLinear(torch.autograd.Function):
         sx, sw = ctx.exponents
         gq = context.map(g2, n.backward_bits, context.where("linear", "grad_output", layer))
         acc_dtype, bound = context.accumulator(out_features, n.backward_bits, n.forward_bits)
-        grad_x = from_fixed(context.backend.matmul(gq.mantissa, w, bound, acc_dtype), gq.exponent + sw)
+        grad_x = context.backend.matmul_to_float(gq.mantissa, gq.exponent, w, sw, bound, acc_dtype)
         acc_dtype, bound = context.accumulator(m, n.backward_bits, n.forward_bits)
-        grad_w = from_fixed(context.backend.matmul(gq.mantissa.t(), x2, bound, acc_dtype), gq.exponent + sx)
+        grad_w = context.backend.matmul_to_float(gq.mantissa.t(), gq.exponent, x2, sx, bound, acc_dtype)
         grad_b = from_fixed(column_sums(context, gq.mantissa, n.backward_bits), gq.exponent) if ctx.has_bias else None
         context.record("linear", "backward", True, macs, layer)
         return grad_x.reshape(ctx.x_shape), grad_w, grad_b, None, None

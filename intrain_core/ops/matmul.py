@@ -12,8 +12,6 @@ def _sum_to_shape(acc: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Integer sum over the batch dimensions that broadcasting added or expanded."""
     extra = acc.dim() - len(shape)
     expanded = tuple(i for i, size in enumerate(shape) if size == 1 and acc.shape[extra + i] != 1)
-    if (extra or expanded) and acc.is_floating_point():
-        acc = acc.to(torch.int64)  # float32 that holds exact integers; its sums might not be
     if extra:
         acc = acc.sum(dim=tuple(range(extra)), dtype=torch.int64)
     if expanded:
@@ -29,8 +27,7 @@ class IntegerMatmul(torch.autograd.Function):
         bq = context.map(b, n.forward_bits, context.where(op, "right operand", layer))
         k = a.shape[-1]
         acc_dtype, bound = context.accumulator(k, n.forward_bits, n.forward_bits)
-        acc = context.backend.matmul(aq.mantissa, bq.mantissa, bound, acc_dtype, float_ok=True)
-        y = from_fixed(acc, aq.exponent + bq.exponent)
+        y = context.backend.matmul_to_float(aq.mantissa, aq.exponent, bq.mantissa, bq.exponent, bound, acc_dtype)
         ctx.context, ctx.layer, ctx.op = context, layer, op
         ctx.shapes = (a.shape, b.shape)
         if n.backward == "float":
@@ -58,15 +55,21 @@ class IntegerMatmul(torch.autograd.Function):
         sa, sb = ctx.exponents
         gq = context.map(grad_y, n.backward_bits, context.where(op, "grad_output", layer))
         g = gq.mantissa
-        acc_dtype, bound = context.accumulator(g.shape[-1], n.backward_bits, n.forward_bits)
-        grad_a = context.backend.matmul(g, b.transpose(-1, -2), bound, acc_dtype, float_ok=True)
-        # Sums over broadcast batch dimensions happen afterwards, in int64.
-        acc_dtype, bound = context.accumulator(g.shape[-2], n.backward_bits, n.forward_bits)
-        grad_b = context.backend.matmul(a.transpose(-1, -2), g, bound, acc_dtype, float_ok=True)
-        grad_a = from_fixed(_sum_to_shape(grad_a, a_shape), gq.exponent + sb)
-        grad_b = from_fixed(_sum_to_shape(grad_b, b_shape), gq.exponent + sa)
+        grad_a = _product_gradient(context, g, gq.exponent, b.transpose(-1, -2), sb, g.shape[-1], a_shape)
+        grad_b = _product_gradient(context, a.transpose(-1, -2), sa, g, gq.exponent, g.shape[-2], b_shape)
         context.record(op, "backward", True, 2 * ctx.macs, layer)
         return grad_a, grad_b, None, None, None
+
+
+def _product_gradient(context, left, left_exponent, right, right_exponent, reduction: int, shape: torch.Size):
+    """One operand's gradient ``left @ right``, summed over the batch dimensions that broadcasting
+    added or expanded; those sums happen in int64, before the mapping back."""
+    n = context.numerics
+    acc_dtype, bound = context.accumulator(reduction, n.backward_bits, n.forward_bits)
+    exponent = left_exponent + right_exponent
+    if torch.broadcast_shapes(left.shape[:-2], right.shape[:-2]) != shape[:-2]:
+        return from_fixed(_sum_to_shape(context.backend.matmul(left, right, bound, acc_dtype), shape), exponent)
+    return context.backend.matmul_to_float(left, left_exponent, right, right_exponent, bound, acc_dtype)
 
 
 def matmul(context, a, b, layer=None, op="matmul"):
