@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from intrain_core import Numerics
 from intrain_core.context import IntegerContext
 from intrain_core.ops import add, conv, linear, matmul, pool
+from test_kernels import same_bits
 
 
 def make_ctx(backend="native", bits=8, seed=0, rounding="stochastic"):
@@ -339,7 +340,6 @@ def test_product_mapped_back_is_the_reference_at_any_exponents(exponents):
     conversion after it where they would leave float32's normal range: both are from_fixed of
     the exact integer product, bit for bit (transposed operands, as attention's K^T)."""
     from intrain_core.backends import native, reference
-    from test_kernels import same_bits
 
     gen = torch.Generator().manual_seed(6)
     a = torch.randint(-127, 128, (2, 3, 7, 40), dtype=torch.int8, generator=gen)

@@ -108,12 +108,21 @@ def _int_mm_ok(a: torch.Tensor, b: torch.Tensor, product_bound: int, acc_dtype: 
     return True
 
 
+def _float_kernel(a: torch.Tensor, b: torch.Tensor, product_bound: int, acc_dtype: torch.dtype):
+    """(float dtype, longest exact reduction) when ``a @ b`` runs on the float unit; None when
+    it runs as ``torch._int_mm``."""
+    if gemm_kernel(a.device.type) == "int_mm" and _int_mm_ok(a, b, product_bound, acc_dtype):
+        return None
+    return _exact_float(1, product_bound)
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor, product_bound: int, acc_dtype: torch.dtype) -> torch.Tensor:
     """Exact ``a @ b`` of integer tensors, broadcast like torch.matmul, in ``acc_dtype``."""
-    if gemm_kernel(a.device.type) == "int_mm" and _int_mm_ok(a, b, product_bound, acc_dtype):
+    kernel = _float_kernel(a, b, product_bound, acc_dtype)
+    if kernel is None:
         return int_mm(a, b)
+    dtype, chunk = kernel
     k = a.shape[-1]
-    dtype, chunk = _exact_float(1, product_bound)
     if k <= chunk:
         return _to_acc(torch.matmul(_float_operand(a, dtype), _float_operand(b, dtype)), acc_dtype)
     acc = None
@@ -144,18 +153,17 @@ def matmul_to_float(a: torch.Tensor, exponent_a: torch.Tensor, b: torch.Tensor, 
     SCALED_EXPONENTS, so the GEMM's result is already ``from_fixed``'s and the pass that scales
     an activation-size result is saved (reading the exponents costs no device wait there).
     """
-    k = a.shape[-1]
-    dtype, chunk = _exact_float(1, product_bound)
-    float_unit = not (gemm_kernel(a.device.type) == "int_mm" and _int_mm_ok(a, b, product_bound, acc_dtype))
-    if not (float_unit and k <= chunk and dtype == torch.float32):
+    kernel = _float_kernel(a, b, product_bound, acc_dtype)
+    if kernel is None or kernel[0] != torch.float32 or a.shape[-1] > kernel[1]:  # not one float32 GEMM
         return from_fixed(matmul(a, b, product_bound, acc_dtype), exponent_a + exponent_b)
     if a.device.type == "cpu":
         exponents = (int(exponent_a), int(exponent_b))
         if _scales_fold(exponents):
-            return torch.matmul(_float_operand(a, dtype, 2.0 ** exponents[0]),
-                                _float_operand(b, dtype, 2.0 ** exponents[1]))
+            return torch.matmul(_float_operand(a, torch.float32, 2.0 ** exponents[0]),
+                                _float_operand(b, torch.float32, 2.0 ** exponents[1]))
     # float32 holding the exact integers: from_fixed reads it as it reads int32
-    return from_fixed(torch.matmul(_float_operand(a, dtype), _float_operand(b, dtype)), exponent_a + exponent_b)
+    exact = torch.matmul(_float_operand(a, torch.float32), _float_operand(b, torch.float32))
+    return from_fixed(exact, exponent_a + exponent_b)
 
 
 KERNELS = ("int_mm", "float_exact")
