@@ -135,6 +135,11 @@ def test_wandb_offline_runs_of_one_experiment_share_a_group(runs_dir, monkeypatc
     for numerics in ("fp32", "int8"):
         train_in_process(runs_dir, f"numerics={numerics}", *SMALL_RESNET, "trainer.max_steps=1", "logger=wandb",
                          "logger.mode=auto", "experiment_name=wandb_check", f"logger.project=intrain-test")
+    # wandb's service process writes the offline records on its own time; a user's process
+    # exit shuts it down and so flushes them, and here its teardown does the same.
+    import wandb
+
+    wandb.teardown()
     for numerics in ("fp32", "int8"):
         run_dir = runs_dir / "wandb_check" / numerics
         info = yaml.safe_load((run_dir / "run_info.yaml").read_text())["wandb"]
