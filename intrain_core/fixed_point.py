@@ -95,8 +95,15 @@ def _finish(m: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     limit = qmax(bits)
     # A float holds a mantissa of up to 24 bits exactly, and int32 lanes are twice as many.
     m = m.to(torch.int32 if (m.is_floating_point() and bits <= 24) or m.dtype == torch.int32 else torch.int64)
-    clamped = (m.abs() > limit).sum()
-    return m.clamp(-limit, limit).to(mantissa_dtype(bits)), clamped
+    return m.clamp(-limit, limit).to(mantissa_dtype(bits)), count_true(m.abs() > limit)
+
+
+def count_true(mask: torch.Tensor) -> torch.Tensor:
+    """The number of True elements as a 0-dim int64 tensor, summed in int32 lanes where the
+    count fits (twice as many per vector as int64's)."""
+    if mask.numel() < 2**31:
+        return mask.sum(dtype=torch.int32).to(torch.int64)
+    return mask.sum()
 
 
 def shared_exponent(xf: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,8 +215,7 @@ def from_fixed(acc: torch.Tensor, exponent, offset: torch.Tensor | None = None) 
 def map_at_kernel(x: torch.Tensor, exponent: torch.Tensor, limit: int, rounding: str, key: int):
     xf = x.to(torch.float32)
     m = round_float(scale_by_pow2(xf, -exponent), rounding, key).to(torch.int64)
-    clamped = (m.abs() > limit).sum()
-    return m.clamp(-limit, limit), clamped, torch.isfinite(xf).all()
+    return m.clamp(-limit, limit), count_true(m.abs() > limit), torch.isfinite(xf).all()
 
 
 map_at_kernel.min_numel = 0

@@ -71,6 +71,8 @@ def test_clamps_are_counted():
     x = torch.tensor([127.75 * 2.0**-6, 0.5, -0.25])
     fp = to_fixed(x, bits=8, rounding="nearest")
     assert fp.mantissa.tolist()[0] == 127 and fp.clamped == 1
+    # Summed in int32 lanes, handed on in int64: a run's counter adds up billions of mappings.
+    assert fp.clamped.dtype == torch.int64
     assert to_fixed(torch.tensor([1.0, 0.5]), rounding="nearest").clamped == 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..compiled import fused
-from ..fixed_point import from_fixed, qmax, rounded_mantissas, scale_by_pow2, shared_exponent
+from ..fixed_point import count_true, from_fixed, qmax, rounded_mantissas, scale_by_pow2, shared_exponent
 from ..registry import FALLBACK, implements, is_float32
 from ..rounding import round_float
 
@@ -20,7 +20,7 @@ def _add(a: torch.Tensor, b: torch.Tensor, bits: int, rounding: str, keys: tuple
     eb, finite_b = shared_exponent(bf, bits)
     ma = rounded_mantissas(af, ea, rounding, keys[0])
     mb = rounded_mantissas(bf, eb, rounding, keys[1])
-    clamped = (ma.abs() > limit).sum() + (mb.abs() > limit).sum()
+    clamped = count_true(ma.abs() > limit) + count_true(mb.abs() > limit)
     ma, mb = ma.clamp(-limit, limit), mb.clamp(-limit, limit)
     exponent = torch.maximum(ea, eb)
     if ma.shape != mb.shape:  # a broadcast operand draws per element of its own shape
