@@ -293,10 +293,11 @@ def test_weight_gradient_past_int32_sums_blocks_exactly(monkeypatch):
     assert dw.dtype == torch.int64 and torch.equal(dw, expected) and int(dw) > 2**31
 
 
-def test_patch_blocks_share_one_buffer_and_stay_exact(monkeypatch):
-    """Blocks of patches are copied into one buffer that the thread keeps: convolutions of
-    other shapes in turn, each split into several blocks, still equal the reference, and an
-    image larger than a block gets a buffer of its own that is not kept."""
+def test_scratch_buffers_are_reused_and_stay_exact(monkeypatch):
+    """Blocks of patches and the padded channels-last copies go into buffers that the thread
+    keeps: convolutions of other shapes and strides in turn (each split into several blocks,
+    each finding the last one's values in the buffers) still equal the reference in all three
+    directions, and an image larger than a block gets a buffer of its own that is not kept."""
     import threading
 
     from intrain_core.backends import im2col, reference
@@ -307,17 +308,20 @@ def test_patch_blocks_share_one_buffer_and_stay_exact(monkeypatch):
     gen = torch.Generator().manual_seed(5)
     bound, one = 127 * 127, (1, 1)
     kept = []
-    for x_shape, w_shape in (((6, 4, 9, 9), (5, 4, 3, 3)), ((5, 8, 6, 6), (3, 8, 3, 3)), ((2, 16, 20, 20), (4, 16, 3, 3))):
+    for x_shape, w_shape, stride in (((6, 4, 9, 9), (5, 4, 3, 3), (1, 1)), ((5, 8, 6, 6), (3, 8, 3, 3), (2, 2)),
+                                     ((4, 3, 8, 7), (2, 3, 3, 3), (1, 1)), ((2, 16, 20, 20), (4, 16, 3, 3), (1, 1))):
         x = torch.randint(-127, 128, x_shape, dtype=torch.int8, generator=gen)
         w = torch.randint(-127, 128, w_shape, dtype=torch.int8, generator=gen)
-        y = im2col.conv2d(x, w, one, one, one)
-        assert torch.equal(y, reference.conv2d(x, w, one, one, one, 1, bound, torch.int32))
+        y = im2col.conv2d(x, w, stride, one, one)
+        assert torch.equal(y, reference.conv2d(x, w, stride, one, one, 1, bound, torch.int32))
         g = torch.randint(-127, 128, y.shape, dtype=torch.int8, generator=gen)
-        dw = im2col.conv2d_weight(x, w_shape, g, one, one, one, bound, torch.int32)
-        assert torch.equal(dw, reference.conv2d_weight(x, w_shape, g, one, one, one, 1, bound, torch.int32))
-        kept.append(im2col._scratch.buffer)
-    assert kept[0] is kept[1] and kept[2] is kept[0]  # the last one's images were each too large
-    assert kept[0].numel() <= block_bytes
+        dx = im2col.conv2d_input(x.shape, w, g, stride, one, one)
+        assert torch.equal(dx, reference.conv2d_input(x.shape, w, g, stride, one, one, 1, bound, torch.int32))
+        dw = im2col.conv2d_weight(x, w_shape, g, stride, one, one, bound, torch.int32)
+        assert torch.equal(dw, reference.conv2d_weight(x, w_shape, g, stride, one, one, 1, bound, torch.int32))
+        kept.append(im2col._scratch.block)
+    assert kept[-1] is kept[-2]  # the last one's images were each too large to keep a buffer
+    assert max(buffer.numel() for buffer in kept) <= block_bytes
 
 
 def test_int_mm_sums_exactly_whatever_the_operand_strides():

@@ -6,9 +6,9 @@ time so the int8 copy stays a few MiB. Outputs are int32 in channels-last order,
 NCHW-shaped views (``permute``); ``from_fixed`` puts them in NCHW order in the pass that
 converts them to float.
 
-On a CPU every block is copied into one buffer that the thread keeps: fresh pages for each
-block cost more than the copy itself (page faults; 8-9 ms against 1.3 ms for a 38 MB copy on a
-2-core Xeon, 2026-12-02).
+On a CPU the blocks, and the padded channels-last copies of the operands, go into buffers
+that the thread keeps from call to call: fresh pages for each cost more than the copy itself
+(page faults; 8-9 ms against 1.3 ms for a 38 MB copy on a 2-core Xeon, 2026-12-02).
 
 The input gradient is the convolution of the output gradient, zero-stuffed by the stride and
 padded by ``dilation * (k - 1) - padding``, with the weight flipped in space and transposed in
@@ -19,6 +19,7 @@ for the rest.
 """
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -31,19 +32,24 @@ INT32_MAX = 2**31 - 1
 BLOCK_BYTES = 8 << 20
 
 
+# The largest operand copy (a padded input or gradient) that a thread keeps for the next call.
+KEPT_COPY_BYTES = 64 << 20
+
 _scratch = threading.local()
 
 
-def _block_buffer(numel: int, device: torch.device) -> torch.Tensor:
-    """An int8 buffer of ``numel`` elements for one block of patches: on a CPU the calling
-    thread's, reused from call to call (up to ``BLOCK_BYTES``: an image larger than that gets
-    a buffer of its own); elsewhere the allocator already reuses memory."""
-    if device.type != "cpu" or numel > BLOCK_BYTES:
-        return torch.empty(numel, dtype=torch.int8, device=device)
-    buffer = getattr(_scratch, "buffer", None)
+def _scratch_buffer(name: str, shape, device: torch.device, keep_bytes: int) -> torch.Tensor:
+    """An int8 buffer of ``shape``: on a CPU the calling thread's buffer ``name``, reused from
+    call to call while it needs at most ``keep_bytes``; a new one otherwise (other devices'
+    allocators already reuse memory)."""
+    numel = math.prod(shape)
+    if device.type != "cpu" or numel > keep_bytes:
+        return torch.empty(shape, dtype=torch.int8, device=device)
+    buffer = getattr(_scratch, name, None)
     if buffer is None or buffer.numel() < numel:
-        buffer = _scratch.buffer = torch.empty(numel, dtype=torch.int8)
-    return buffer[:numel]
+        buffer = torch.empty(numel, dtype=torch.int8)
+        setattr(_scratch, name, buffer)
+    return buffer[:numel].view(shape)
 
 
 def _block(patches: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -52,7 +58,7 @@ def _block(patches: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     rows, reduction = view.shape[:3].numel(), view.shape[3:].numel()
     if view.is_contiguous():
         return view.reshape(rows, reduction)
-    block = _block_buffer(view.numel(), view.device).view(view.shape)
+    block = _scratch_buffer("block", view.shape, view.device, BLOCK_BYTES)
     block.copy_(view)
     return block.view(rows, reduction)
 
@@ -62,11 +68,18 @@ def supported(a: torch.Tensor, b: torch.Tensor, groups: int, acc_dtype: torch.dt
     return groups == 1 and a.dtype == torch.int8 and b.dtype == torch.int8 and acc_dtype == torch.int32
 
 
-def _padded_nhwc(x: torch.Tensor, pad_h: tuple[int, int], pad_w: tuple[int, int]) -> torch.Tensor:
-    """``x`` (NCHW) zero-padded, in a contiguous NHWC buffer."""
-    n, c, h, w = x.shape
-    out = x.new_zeros(n, h + sum(pad_h), w + sum(pad_w), c)
-    out[:, pad_h[0]:pad_h[0] + h, pad_w[0]:pad_w[0] + w] = x.permute(0, 2, 3, 1)
+def _nhwc(t: torch.Tensor, name: str, pad_h=(0, 0), pad_w=(0, 0), stride=(1, 1)) -> torch.Tensor:
+    """``t`` (NCHW) in the zeroed NHWC buffer ``name``: element (h, w) at (pad_h[0] + h stride[0],
+    pad_w[0] + w stride[1]), and pad_h[1] rows and pad_w[1] columns of zeros after the last."""
+    n, c, h, w = t.shape
+    rows, cols = (h - 1) * stride[0] + 1, (w - 1) * stride[1] + 1
+    out = _scratch_buffer(name, (n, rows + sum(pad_h), cols + sum(pad_w), c), t.device, KEPT_COPY_BYTES)
+    if stride != (1, 1):
+        out.zero_()
+    else:  # only the border: the copy below writes the rest
+        for border in (out[:, :pad_h[0]], out[:, pad_h[0] + rows:], out[:, :, :pad_w[0]], out[:, :, pad_w[0] + cols:]):
+            border.zero_()
+    out[:, pad_h[0]:pad_h[0] + rows:stride[0], pad_w[0]:pad_w[0] + cols:stride[1]] = t.permute(0, 2, 3, 1)
     return out
 
 
@@ -91,7 +104,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation) -> torch
     n, cin, h, wd = x.shape
     cout, _, kh, kw = w.shape
     out_hw = (_out_size(h, kh, stride[0], padding[0], dilation[0]), _out_size(wd, kw, stride[1], padding[1], dilation[1]))
-    xp = _padded_nhwc(x, (padding[0],) * 2, (padding[1],) * 2)
+    xp = _nhwc(x, "input", (padding[0],) * 2, (padding[1],) * 2)
     return _conv_padded(xp, w, out_hw, stride, dilation)
 
 
@@ -123,8 +136,7 @@ def conv2d_input(input_shape, w: torch.Tensor, g: torch.Tensor, stride, padding,
     # Before: reach - padding; after: what makes the stride-1 output exactly the input size.
     pad_h = (reach[0] - padding[0], h - stuffed[0] + padding[0])
     pad_w = (reach[1] - padding[1], wd - stuffed[1] + padding[1])
-    gp = g.new_zeros(n, stuffed[0] + sum(pad_h), stuffed[1] + sum(pad_w), g.shape[1])
-    gp[:, pad_h[0]:pad_h[0] + stuffed[0]:stride[0], pad_w[0]:pad_w[0] + stuffed[1]:stride[1]] = g.permute(0, 2, 3, 1)
+    gp = _nhwc(g, "gradient", pad_h, pad_w, stride)
     flipped = w.flip(2, 3).transpose(0, 1)
     return _conv_padded(gp, flipped, (h, wd), (1, 1), dilation)
 
@@ -141,9 +153,9 @@ def conv2d_weight(x: torch.Tensor, w_shape, g: torch.Tensor, stride, padding, di
     if positions * product_bound > INT32_MAX:
         return None
     reduction = kh * kw * cin
-    xp = _padded_nhwc(x, (padding[0],) * 2, (padding[1],) * 2)
+    xp = _nhwc(x, "input", (padding[0],) * 2, (padding[1],) * 2)
     patches = _patches(xp, (kh, kw), out_hw, stride, dilation)
-    g_rows = g.permute(0, 2, 3, 1).reshape(n * positions, cout)
+    g_rows = _nhwc(g, "rows").view(n * positions, cout)
     exact_images = INT32_MAX // (product_bound * positions)
     step = min(_images_per_block(reduction, positions, n), exact_images)
     acc = None
