@@ -207,6 +207,38 @@ def test_auto_mode_compiles_a_kernel_once_its_eager_time_pays_for_it(monkeypatch
     assert same_bits(first, second)
 
 
+def test_compiled_graphs_run_without_dynamo_while_their_guards_hold(monkeypatch):
+    """After a kernel's compiled call its graphs run directly, under dynamo's own guards: the
+    same bits without a call into torch.compile's wrapper; an input that no graph's guards
+    admit (another rank) goes through it, and the graph compiled for it is learnt too."""
+    from intrain_core import compiled
+    from intrain_core.fixed_point import map_kernel
+
+    x, key = data(11), torch.tensor(stream_key(3, 1))
+    options = ((True, None), (False, 8), (False, "stochastic"), (True, None))
+    monkeypatch.setitem(map_kernel.kernels, options, compiled._Kernel())
+    with compilation(True):
+        first = map_kernel(x, 8, "stochastic", key)
+        entry = map_kernel.kernels[options]
+        wrapped, calls = entry.compiled, []
+
+        def counted(*data):
+            calls.append(data)
+            return wrapped(*data)
+
+        counted._torchdynamo_orig_callable = wrapped._torchdynamo_orig_callable
+        entry.compiled = counted
+        second = map_kernel(x, 8, "stochastic", key)
+        assert not calls and len(entry.direct) == 1
+        flat = x.reshape(-1, x.shape[-1])
+        third = map_kernel(flat, 8, "stochastic", key)
+        assert len(calls) == 1 and len(entry.direct) == 2
+        fourth = map_kernel(flat, 8, "stochastic", key)
+        assert len(calls) == 1
+    assert same_bits(first, second) and same_bits(first, map_kernel.eager(x, 8, "stochastic", key))
+    assert same_bits(third, fourth) and same_bits(third, map_kernel.eager(flat, 8, "stochastic", key))
+
+
 def test_random_bits_depend_on_key_and_index_only():
     key = stream_key(11, 5)
     r = random_bits((1000,), key, "cpu")
