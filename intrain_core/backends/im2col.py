@@ -77,8 +77,11 @@ def _nhwc(t: torch.Tensor, name: str, pad_h=(0, 0), pad_w=(0, 0), stride=(1, 1))
     if stride != (1, 1):
         out.zero_()
     else:  # only the border: the copy below writes the rest
-        for border in (out[:, :pad_h[0]], out[:, pad_h[0] + rows:], out[:, :, :pad_w[0]], out[:, :, pad_w[0] + cols:]):
-            border.zero_()
+        widths = (pad_h[0], pad_h[1], pad_w[0], pad_w[1])
+        borders = (out[:, :pad_h[0]], out[:, pad_h[0] + rows:], out[:, :, :pad_w[0]], out[:, :, pad_w[0] + cols:])
+        for width, border in zip(widths, borders):
+            if width:
+                border.zero_()
     out[:, pad_h[0]:pad_h[0] + rows:stride[0], pad_w[0]:pad_w[0] + cols:stride[1]] = t.permute(0, 2, 3, 1)
     return out
 
