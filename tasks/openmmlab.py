@@ -318,11 +318,7 @@ def run(cfg: DictConfig, run_dir: str | Path, family: Family) -> dict[str, Any]:
     run_dir = Path(run_dir)
     tr = cfg.trainer
     ranks, _ = distributed.start(tr.device)  # torchrun: every process, gloo on CPU and NCCL on CUDA
-    try:
-        with distributed.peers_watched(ranks):
-            return _run(cfg, run_dir, family, ranks)
-    finally:
-        distributed.stop()
+    return distributed.run_in_group(ranks, _run, cfg, run_dir, family, ranks)
 
 
 def _run(cfg: DictConfig, run_dir: Path, family: Family, ranks: distributed.Ranks) -> dict[str, Any]:

@@ -52,11 +52,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """
     run_dir = Path(run_dir)
     ranks, device = distributed.start(cfg.trainer.device)
-    try:
-        with distributed.peers_watched(ranks):
-            return _run(cfg, run_dir, ranks, device)
-    finally:
-        distributed.stop()
+    return distributed.run_in_group(ranks, _run, cfg, run_dir, ranks, device)
 
 
 def _run(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks, device: torch.device) -> dict[str, Any]:

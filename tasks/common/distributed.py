@@ -99,6 +99,21 @@ def stop() -> None:
         dist.destroy_process_group()
 
 
+def run_in_group(ranks: Ranks, fn, *args):
+    """``fn(*args)`` in the process group that ``start`` joined, then the group torn down. A
+    collective that fails because a peer ended becomes one line (``peers_watched``); a run that
+    ends normally waits for every process first, so that none closes its connections while a
+    peer still writes its last files or finishes a collective."""
+    try:
+        with peers_watched(ranks):
+            result = fn(*args)
+            if ranks.distributed:
+                dist.barrier()
+        return result
+    finally:
+        stop()
+
+
 def per_rank_batch(batch_size: int, ranks: Ranks) -> int:
     """``trainer.batch_size`` is the global batch: each of N processes takes batch_size / N."""
     if batch_size % ranks.world_size:
