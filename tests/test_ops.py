@@ -324,6 +324,34 @@ def test_scratch_buffers_are_reused_and_stay_exact(monkeypatch):
     assert max(buffer.numel() for buffer in kept) <= block_bytes
 
 
+def test_a_convolution_result_goes_into_the_thread_buffer_only_when_asked(monkeypatch):
+    """``scratch=True`` (the conv op, which converts at once): each result, exact when returned,
+    lies in the thread's kept buffer, which the next such call overwrites; without it a result
+    is the caller's own and no later call changes it."""
+    import threading
+
+    from intrain_core.backends import im2col, reference
+
+    monkeypatch.setattr(im2col, "_scratch", threading.local())
+    gen = torch.Generator().manual_seed(6)
+    bound, one = 127 * 127, (1, 1)
+    x = torch.randint(-127, 128, (3, 4, 7, 7), dtype=torch.int8, generator=gen)
+    w = [torch.randint(-127, 128, (5, 4, 3, 3), dtype=torch.int8, generator=gen) for _ in range(2)]
+    expected = [reference.conv2d(x, wi, one, one, one, 1, bound, torch.int32) for wi in w]
+    own = im2col.conv2d(x, w[0], one, one, one)
+    first = im2col.conv2d(x, w[0], one, one, one, scratch=True)
+    assert torch.equal(first, expected[0])
+    snapshot = first.clone()
+    second = im2col.conv2d(x, w[1], one, one, one, scratch=True)
+    assert torch.equal(second, expected[1])
+    assert second.data_ptr() == first.data_ptr() and not torch.equal(first, snapshot)
+    g = torch.randint(-127, 128, expected[0].shape, dtype=torch.int8, generator=gen)
+    dx = im2col.conv2d_input(x.shape, w[0], g, one, one, one, scratch=True)
+    assert dx.data_ptr() == first.data_ptr()
+    assert torch.equal(dx, reference.conv2d_input(x.shape, w[0], g, one, one, one, 1, bound, torch.int32))
+    assert torch.equal(own, expected[0]) and own.data_ptr() != first.data_ptr()
+
+
 def test_int_mm_sums_exactly_whatever_the_operand_strides():
     """Rows and columns of one element with any stride, transposed operands, int8 extremes."""
     from intrain_core.backends.int_mm import int_mm

@@ -6,9 +6,10 @@ time so the int8 copy stays a few MiB. Outputs are int32 in channels-last order,
 NCHW-shaped views (``permute``); ``from_fixed`` puts them in NCHW order in the pass that
 converts them to float.
 
-On a CPU the blocks, and the padded channels-last copies of the operands, go into buffers
-that the thread keeps from call to call: fresh pages for each cost more than the copy itself
-(page faults; 8-9 ms against 1.3 ms for a 38 MB copy on a 2-core Xeon, 2026-12-02).
+On a CPU the blocks, the padded channels-last copies of the operands and, where the caller
+converts it at once, the int32 result go into buffers that the thread keeps from call to call:
+fresh pages for each cost more than the copy itself (page faults; 8-9 ms against 1.3 ms for a
+38 MB copy on a 2-core Xeon, 2026-12-02).
 
 The input gradient is the convolution of the output gradient, zero-stuffed by the stride and
 padded by ``dilation * (k - 1) - padding``, with the weight flipped in space and transposed in
@@ -38,18 +39,18 @@ KEPT_COPY_BYTES = 64 << 20
 _scratch = threading.local()
 
 
-def _scratch_buffer(name: str, shape, device: torch.device, keep_bytes: int) -> torch.Tensor:
-    """An int8 buffer of ``shape``: on a CPU the calling thread's buffer ``name``, reused from
+def _scratch_buffer(name: str, shape, device: torch.device, keep_bytes: int, dtype=torch.int8) -> torch.Tensor:
+    """A ``dtype`` buffer of ``shape``: on a CPU the calling thread's buffer ``name``, reused from
     call to call while it needs at most ``keep_bytes``; a new one otherwise (other devices'
     allocators already reuse memory)."""
-    numel = math.prod(shape)
-    if device.type != "cpu" or numel > keep_bytes:
-        return torch.empty(shape, dtype=torch.int8, device=device)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if device.type != "cpu" or nbytes > keep_bytes:
+        return torch.empty(shape, dtype=dtype, device=device)
     buffer = getattr(_scratch, name, None)
-    if buffer is None or buffer.numel() < numel:
-        buffer = torch.empty(numel, dtype=torch.int8)
+    if buffer is None or buffer.numel() < nbytes:
+        buffer = torch.empty(nbytes, dtype=torch.int8)
         setattr(_scratch, name, buffer)
-    return buffer[:numel].view(shape)
+    return buffer[:nbytes].view(dtype).view(shape)
 
 
 def _block(patches: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -102,23 +103,26 @@ def _out_size(size, k, stride, padding, dilation):
     return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
 
-def conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
-    """int32 ``conv2d(x, w)`` of int8 NCHW ``x`` and int8 ``w``; channels-last strides."""
+def conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, scratch: bool = False) -> torch.Tensor:
+    """int32 ``conv2d(x, w)`` of int8 NCHW ``x`` and int8 ``w``; channels-last strides.
+    ``scratch``: the result may live in a buffer that the thread's next ``scratch`` call reuses."""
     n, cin, h, wd = x.shape
     cout, _, kh, kw = w.shape
     out_hw = (_out_size(h, kh, stride[0], padding[0], dilation[0]), _out_size(wd, kw, stride[1], padding[1], dilation[1]))
     xp = _nhwc(x, "input", (padding[0],) * 2, (padding[1],) * 2)
-    return _conv_padded(xp, w, out_hw, stride, dilation)
+    return _conv_padded(xp, w, out_hw, stride, dilation, scratch)
 
 
-def _conv_padded(xp: torch.Tensor, w: torch.Tensor, out_hw, stride, dilation) -> torch.Tensor:
+def _conv_padded(xp: torch.Tensor, w: torch.Tensor, out_hw, stride, dilation, scratch: bool) -> torch.Tensor:
     n, cin = xp.shape[0], xp.shape[3]
     cout, _, kh, kw = w.shape
     reduction = kh * kw * cin
     weight = w.permute(2, 3, 1, 0).reshape(reduction, cout)  # rows ordered (kh, kw, cin) as patches
     patches = _patches(xp, (kh, kw), out_hw, stride, dilation)
     positions = out_hw[0] * out_hw[1]
-    out = torch.empty(n * positions, cout, dtype=torch.int32, device=xp.device)
+    shape = (n * positions, cout)
+    out = (_scratch_buffer("result", shape, xp.device, KEPT_COPY_BYTES, torch.int32) if scratch
+           else torch.empty(shape, dtype=torch.int32, device=xp.device))
     step = _images_per_block(reduction, positions, n)
     for start in range(0, n, step):
         stop = min(n, start + step)
@@ -126,9 +130,11 @@ def _conv_padded(xp: torch.Tensor, w: torch.Tensor, out_hw, stride, dilation) ->
     return out.view(n, *out_hw, cout).permute(0, 3, 1, 2)
 
 
-def conv2d_input(input_shape, w: torch.Tensor, g: torch.Tensor, stride, padding, dilation) -> torch.Tensor | None:
+def conv2d_input(input_shape, w: torch.Tensor, g: torch.Tensor, stride, padding, dilation,
+                 scratch: bool = False) -> torch.Tensor | None:
     """int32 input gradient of ``conv2d`` for int8 ``w`` and output gradient ``g``; None where
-    the padding exceeds the kernel's reach (``native`` then uses its float kernel)."""
+    the padding exceeds the kernel's reach (``native`` then uses its float kernel). ``scratch``:
+    as in ``conv2d``."""
     n, cin, h, wd = input_shape
     kh, kw = w.shape[2:]
     reach = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))
@@ -141,7 +147,7 @@ def conv2d_input(input_shape, w: torch.Tensor, g: torch.Tensor, stride, padding,
     pad_w = (reach[1] - padding[1], wd - stuffed[1] + padding[1])
     gp = _nhwc(g, "gradient", pad_h, pad_w, stride)
     flipped = w.flip(2, 3).transpose(0, 1)
-    return _conv_padded(gp, flipped, (h, wd), (1, 1), dilation)
+    return _conv_padded(gp, flipped, (h, wd), (1, 1), dilation, scratch)
 
 
 def conv2d_weight(x: torch.Tensor, w_shape, g: torch.Tensor, stride, padding, dilation, product_bound: int,

@@ -208,20 +208,23 @@ def _conv(kind: str, int_args: tuple, float_fn, float_args: tuple, shape_class: 
     return float_fn(*float_args)
 
 
-def conv2d(x, w, stride, padding, dilation, groups, product_bound, acc_dtype):
-    """Exact integer convolution: ``int_mm`` on patches, or float with the reduction split."""
+def conv2d(x, w, stride, padding, dilation, groups, product_bound, acc_dtype, scratch=False):
+    """Exact integer convolution: ``int_mm`` on patches, or float with the reduction split.
+    ``scratch``: the caller converts the result before its next ``scratch`` call, so it may live
+    in a buffer the thread reuses (im2col)."""
     if im2col.supported(x, w, groups, acc_dtype):
-        return _conv("conv2d", (x, w, stride, padding, dilation), _conv2d_float,
+        return _conv("conv2d", (x, w, stride, padding, dilation, scratch), _conv2d_float,
                      (x, w, stride, padding, dilation, groups, product_bound, acc_dtype),
                      _shape_class("conv2d", x, w.shape, (stride, padding, dilation)), x.device)
     return _conv2d_float(x, w, stride, padding, dilation, groups, product_bound, acc_dtype)
 
 
-def conv2d_input(input_shape, w, g, stride, padding, dilation, groups, product_bound, acc_dtype):
-    """Exact input gradient: ``int_mm`` on the stuffed gradient's patches, or float."""
+def conv2d_input(input_shape, w, g, stride, padding, dilation, groups, product_bound, acc_dtype, scratch=False):
+    """Exact input gradient: ``int_mm`` on the stuffed gradient's patches, or float.
+    ``scratch``: as in ``conv2d``."""
     args = (input_shape, w, g, stride, padding, dilation)
     if im2col.supported(g, w, groups, acc_dtype):
-        return _conv("conv2d_input", args, _conv2d_input_float, (*args, groups, product_bound, acc_dtype),
+        return _conv("conv2d_input", (*args, scratch), _conv2d_input_float, (*args, groups, product_bound, acc_dtype),
                      _shape_class("conv2d_input", g, w.shape, (stride, padding, dilation)), g.device)
     return _conv2d_input_float(*args, groups, product_bound, acc_dtype)
 

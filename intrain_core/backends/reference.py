@@ -46,7 +46,7 @@ def _offsets(w_shape, x_shape, stride, padding, dilation):
             yield i, j, rows, cols
 
 
-def conv2d(x, w, stride, padding, dilation, groups, product_bound, acc_dtype):
+def conv2d(x, w, stride, padding, dilation, groups, product_bound, acc_dtype, scratch=False):
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     xp = torch.nn.functional.pad(x.long(), (padding[1], padding[1], padding[0], padding[0]))
     w = w.long()
@@ -63,7 +63,7 @@ def conv2d(x, w, stride, padding, dilation, groups, product_bound, acc_dtype):
     return _check_int64(out, acc_dtype)
 
 
-def conv2d_input(input_shape, w, g, stride, padding, dilation, groups, product_bound, acc_dtype):
+def conv2d_input(input_shape, w, g, stride, padding, dilation, groups, product_bound, acc_dtype, scratch=False):
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     n, c, h, wd = input_shape
     dxp = torch.zeros((n, c, h + 2 * padding[0], wd + 2 * padding[1]), dtype=torch.int64, device=g.device)

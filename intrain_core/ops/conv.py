@@ -36,15 +36,17 @@ class IntegerConv2d(torch.autograd.Function):
         reduction = (weight.shape[0] // groups if transposed else weight.shape[1]) * taps
         acc_dtype, bound = context.accumulator(reduction, n.forward_bits, n.forward_bits)
         be = context.backend
-        if transposed:
-            acc = be.conv2d_input(output_shape, wq.mantissa, xq.mantissa, stride, padding, dilation, groups, bound, acc_dtype)
-        else:
-            acc = be.conv2d(xq.mantissa, wq.mantissa, stride, padding, dilation, groups, bound, acc_dtype)
         exponent = xq.exponent + wq.exponent
         b = None
         if bias is not None:
             b = map_bias(context, bias, exponent, acc_dtype, reduction, bound, context.where(op, "bias", layer))
             b = b.view(1, -1, 1, 1)
+        # scratch: the accumulator is converted at once, so it may live in a buffer the thread reuses.
+        if transposed:
+            acc = be.conv2d_input(output_shape, wq.mantissa, xq.mantissa, stride, padding, dilation, groups, bound,
+                                  acc_dtype, scratch=True)
+        else:
+            acc = be.conv2d(xq.mantissa, wq.mantissa, stride, padding, dilation, groups, bound, acc_dtype, scratch=True)
         y = from_fixed(acc, exponent, b)
         ctx.context, ctx.layer, ctx.op = context, layer, op
         ctx.geometry, ctx.transposed, ctx.has_bias = geometry, transposed, bias is not None
@@ -83,15 +85,16 @@ class IntegerConv2d(torch.autograd.Function):
         bits = (n.backward_bits, n.forward_bits)
         if ctx.transposed:
             dtype, bound = context.accumulator(w.shape[1] * taps, *bits)
-            grad_x = be.conv2d(g, w, stride, padding, dilation, groups, bound, dtype)
+            grad_x = from_fixed(be.conv2d(g, w, stride, padding, dilation, groups, bound, dtype, scratch=True),
+                                gq.exponent + sw)
             dtype, bound = context.accumulator(x.shape[0] * x.shape[2] * x.shape[3], *bits)
             grad_w = be.conv2d_weight(g, w.shape, x, stride, padding, dilation, groups, bound, dtype)
         else:
             dtype, bound = context.accumulator(w.shape[0] // groups * taps, *bits)
-            grad_x = be.conv2d_input(x.shape, w, g, stride, padding, dilation, groups, bound, dtype)
+            grad_x = from_fixed(be.conv2d_input(x.shape, w, g, stride, padding, dilation, groups, bound, dtype,
+                                                scratch=True), gq.exponent + sw)
             dtype, bound = context.accumulator(positions, *bits)
             grad_w = be.conv2d_weight(x, w.shape, g, stride, padding, dilation, groups, bound, dtype)
-        grad_x = from_fixed(grad_x, gq.exponent + sw)
         grad_w = from_fixed(grad_w, gq.exponent + sx)
         grad_b = from_fixed(g.sum((0, 2, 3), dtype=torch.int64), gq.exponent) if ctx.has_bias else None
         context.record(op, "backward", True, 2 * ctx.macs, layer)
