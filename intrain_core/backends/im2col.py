@@ -33,7 +33,8 @@ INT32_MAX = 2**31 - 1
 BLOCK_BYTES = 8 << 20
 
 
-# The largest operand copy (a padded input or gradient) that a thread keeps for the next call.
+# The largest operand copy (a padded input or gradient) or int32 result that a thread keeps for
+# the next call.
 KEPT_COPY_BYTES = 64 << 20
 
 _scratch = threading.local()
