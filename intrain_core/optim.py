@@ -1,11 +1,13 @@
 """Integer SGD (docs/numerics-contract.md section 8): PyTorch's SGD update in fixed point.
 
 Master weights and momentum buffers are wide integer mantissas (``numerics.master_bits``) with
-one exponent per tensor. The coefficients become fixed-point constants each step. Large
-parameters are updated one by one and the small ones of a group together, in flat buffers, by
-fused kernels (sgd_update.py): the gradient on a 62-bit grid, integer products in int64, sums
+one exponent per tensor. The coefficients become fixed-point constants each step. The
+arithmetic (sgd_update.py): the gradient on a 62-bit grid, integer products in int64, sums
 aligned on a 62-bit grid, and each stored result (momentum, master) re-normalised to
 ``master_bits`` with one rounding of the run's kind: two random draws per element and step.
+On a CPU, one C++ call updates a whole group in place (native_sgd.py); elsewhere, and for
+masters wider than 32 bits, compiled torch kernels do: large parameters one by one, the small
+ones of a group together in flat buffers. Both give the definition's bits.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from collections.abc import Mapping
 import torch
 
 from .fixed_point import FixedPoint, NonFiniteError, fixed_constant, from_fixed, map_deferred, nonfinite_message
+from . import native_sgd
 from .flat_layout import FlatLayout, spread_segment_max
 from .numerics import Numerics
 from .ops.weights import attach_master, contexts_of
@@ -76,11 +79,14 @@ class IntSGD(torch.optim.Optimizer):
         fp, _ = map_deferred(p.detach(), self.numerics.master_bits, "nearest", 0)
         return fp.mantissa.to(state_dtype(self.numerics.master_bits)), fp.exponent
 
-    def _check_finite(self, params: list[torch.Tensor]) -> None:
+    def _check_finite(self, params: list[torch.Tensor], gradients: bool = True) -> None:
         """One read of the device per step: the mappings of the model's forward and backward,
-        and every gradient. Nothing is updated when one of them held NaN or Inf."""
+        and every gradient (unless the C++ step checks them, before it writes anything).
+        Nothing is updated when one of them held NaN or Inf."""
         for context in contexts_of(params):
             context.check_finite()
+        if not gradients:
+            return
         grads = [p.grad for p in params]
         found = torch.zeros(1, device=grads[0].device)
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=found.device))
@@ -96,8 +102,12 @@ class IntSGD(torch.optim.Optimizer):
                 loss = closure()
         cbits = coefficient_bits(self.numerics.master_bits)
         with_grads = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        native = None
+        if with_grads and native_sgd.serves(with_grads, self.numerics.master_bits):
+            native = native_sgd.module()
         if with_grads:
-            self._check_finite(with_grads)
+            # With several groups, a later group's bad gradient must stop the earlier ones too.
+            self._check_finite(with_grads, gradients=native is None or len(self.param_groups) > 1)
         used = {}
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
@@ -112,6 +122,9 @@ class IntSGD(torch.optim.Optimizer):
             keys = self.stream.next_keys(2 * len(params), params[0].device).view(-1, 2)
             momentum = constants[1][0] != 0
             starts = [momentum and "momentum" not in self.state[p] for p in params]
+            if native is not None:
+                self._update_native(native, group, params, keys, constants, starts, with_grads)
+                continue
             flags = [(constants[3][0] != 0, momentum, first, group["nesterov"], group["maximize"],
                       group["dampening"] != 0) for first in starts]
             small = [i for i, p in enumerate(params) if p.numel() < ALONE_NUMEL]
@@ -124,6 +137,45 @@ class IntSGD(torch.optim.Optimizer):
                 self._update_flat(flat, chosen_params, keys[chosen], coefficients, flags[chosen[0]])
         self._flat = used  # buffers of a set of parameters no longer updated together are dropped
         return loss
+
+    def _update_native(self, extension, group, params, keys, constants, starts, with_grads):
+        """The whole group in one C++ call that writes masters, momenta and parameters in place."""
+        bits = self.numerics.master_bits
+        stored = state_dtype(bits)
+        momentum = constants[1][0] != 0
+        masters, master_exps, momenta, momentum_exps, grads = [], [], [], [], []
+        for p, first in zip(params, starts):
+            state = self.state[p]
+            w, w_exp = self._master(p, state)
+            masters.append(w.to(stored).contiguous())  # a state loaded as int64 becomes int32
+            master_exps.append(w_exp)
+            if momentum:
+                momenta.append(torch.zeros(p.shape, dtype=stored) if first
+                               else state["momentum"].to(stored).contiguous())
+                momentum_exps.append(w_exp if first else state["momentum_exponent"])
+            grads.append(p.grad if p.grad.dtype == torch.float32 and p.grad.is_contiguous()
+                         else p.grad.to(torch.float32).contiguous())
+        master_exps = torch.stack(master_exps)
+        momentum_exps = torch.stack(momentum_exps) if momentum else master_exps[:0]
+        flags = [constants[3][0] != 0, momentum, group["nesterov"], group["maximize"], group["dampening"] != 0,
+                 self.numerics.rounding == "stochastic"]
+        bad = extension.int_sgd_step(grads, masters, momenta, params, master_exps, momentum_exps, keys.contiguous(),
+                                     starts, [int(v) for c in constants for v in c], flags, bits)
+        if bad >= 0:
+            self.stream.counter -= keys.numel()  # nothing was updated: the next step draws these keys
+            p = params[bad]
+            index = next(i for i, q in enumerate(with_grads) if q is p)
+            raise NonFiniteError(nonfinite_message(f"IntSGD gradient of parameter {index} (shape {tuple(p.shape)})"))
+        torch.autograd.graph.increment_version(params)
+        master_exps = master_exps.unbind()
+        momentum_exps = momentum_exps.unbind() if momentum else ()
+        for i, p in enumerate(params):
+            state = self.state[p]
+            state["master"], state["master_exponent"] = masters[i], master_exps[i]
+            if momentum:
+                state["momentum"], state["momentum_exponent"] = momenta[i], momentum_exps[i]
+            state["version"] = p._version
+            attach_master(p, FixedPoint(state["master"], master_exps[i], bits))
 
     def _update_alone(self, p, keys, coefficients, flags):
         state = self.state[p]

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from intrain_core import Numerics, NonFiniteError, from_fixed
+from intrain_core import Numerics, NonFiniteError, from_fixed, native_sgd
 from intrain_core.fixed_point import fixed_constant, map_deferred
 from intrain_core.flat_layout import ROW
 from intrain_core.ops.weights import master_of
@@ -210,11 +210,31 @@ def test_build_optimizer_follows_the_preset():
 FLAT_SHAPES = [(3 * ROW - 5,), (7, 5), (ROW,), (1,), (33, 40), (2 * ROW, 3), (ALONE_NUMEL // 64 + 1, 64)]
 
 
-def definition_steps(options, numerics, steps):
+# The ways IntSGD computes a step on a CPU: the C++ call, deciding grids from bounds where it
+# can (``native``) or measuring every largest magnitude (``exhaustive``); the torch kernels.
+PATHS = ["native", "exhaustive", "torch"]
+
+
+@pytest.fixture
+def path(request, monkeypatch):
+    """Run a test's IntSGD steps the way ``request.param`` names."""
+    if request.param == "torch":
+        monkeypatch.setenv("INTRAIN_NATIVE_SGD", "0")
+        yield request.param
+        return
+    extension = native_sgd.module()
+    if extension is None:
+        pytest.skip("IntSGD's C++ step could not be built here")
+    extension.set_exhaustive(request.param == "exhaustive")
+    yield request.param
+    extension.set_exhaustive(False)
+
+
+def definition_steps(options, numerics, steps, shapes=FLAT_SHAPES):
     """Each parameter updated alone by ``update_definition``, drawing the optimiser's keys in
     its order: per group, two per parameter with a gradient."""
     gen = torch.Generator().manual_seed(1)
-    values = [torch.randn(s, generator=gen) for s in FLAT_SHAPES]
+    values = [torch.randn(s, generator=gen) for s in shapes]
     stream = RoundingStream(numerics.seed + STREAM_SEED_OFFSET)
     cbits = coefficient_bits(numerics.master_bits)
     constants = [fixed_constant(v, cbits) for v in (-options["lr"], options.get("momentum", 0.0),
@@ -244,30 +264,53 @@ def definition_steps(options, numerics, steps):
     return values, states
 
 
+OPTIONS = {**CASES, "weight_decay_only": dict(lr=0.1, weight_decay=1e-3),
+           "nesterov_weight_decay": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
+           "zero_lr": dict(lr=0.0, momentum=0.9)}
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("master_bits", [32, 16, 40])
-@pytest.mark.parametrize("name", sorted(CASES) + ["weight_decay_only", "nesterov_weight_decay", "zero_lr"])
-def test_flat_update_is_the_definition_bit_for_bit(name, master_bits):
-    """Small parameters updated together in flat buffers, and a large one alone, give the
-    integers of the definition applied to each:
-    the gradient's scale spans seven binades, one gradient is all zero, one parameter joins late."""
-    options = {**CASES, "weight_decay_only": dict(lr=0.1, weight_decay=1e-3),
-               "nesterov_weight_decay": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
-               "zero_lr": dict(lr=0.0, momentum=0.9)}[name]
-    numerics = dataclasses.replace(Numerics.preset("int8"), master_bits=master_bits)
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_update_is_the_definition_bit_for_bit(name, master_bits, path):
+    """Every way of computing a step gives the integers of the definition applied to each
+    parameter (the C++ call serves masters up to 32 bits; 40-bit ones take the torch kernels,
+    which update small parameters together in flat buffers and a large one alone): the
+    gradient's scale spans seven binades, one gradient is all zero, one parameter joins late."""
+    assert_definition_bit_for_bit(OPTIONS[name], master_bits, FLAT_SHAPES)
+
+
+# Parameters that the C++ call splits over threads (from 2**18 elements on), in pieces of 2**15
+# with a partial last one, next to one it updates whole.
+LARGE_SHAPES = [(2**18 + 2**15 + 7,), (600, 512), (3, 5)]
+
+
+@pytest.mark.parametrize("path", ["native", "exhaustive"], indirect=True)
+@pytest.mark.parametrize("name", ["momentum", "weight_decay", "nesterov_weight_decay", "weight_decay_only"])
+def test_large_parameters_are_the_definition_bit_for_bit(name, path):
+    assert_definition_bit_for_bit(OPTIONS[name], 32, LARGE_SHAPES, steps=3)
+
+
+def test_nearest_rounding_is_the_definition_bit_for_bit():
+    assert_definition_bit_for_bit(OPTIONS["weight_decay"], 32, FLAT_SHAPES, rounding="nearest")
+
+
+def assert_definition_bit_for_bit(options, master_bits, shapes, steps=5, rounding="stochastic"):
+    numerics = dataclasses.replace(Numerics.preset("int8"), master_bits=master_bits, rounding=rounding)
     gen = torch.Generator().manual_seed(5)
-    steps = []
-    for step in range(5):
-        scales = 10.0 ** torch.randint(-6, 2, (len(FLAT_SHAPES),), generator=gen)
-        grads = [torch.randn(s, generator=gen) * float(k) for s, k in zip(FLAT_SHAPES, scales)]
-        grads[3] = torch.zeros(1) if step == 2 else grads[3]
+    schedule = []
+    for step in range(steps):
+        scales = 10.0 ** torch.randint(-6, 2, (len(shapes),), generator=gen)
+        grads = [torch.randn(s, generator=gen) * float(k) for s, k in zip(shapes, scales)]
+        grads[-1] = torch.zeros(grads[-1].shape) if step == 2 else grads[-1]
         grads[1] = None if step < 2 else grads[1]
-        steps.append(grads)
-    expected, states = definition_steps(options, numerics, steps)
+        schedule.append(grads)
+    expected, states = definition_steps(options, numerics, schedule, shapes)
 
     gen = torch.Generator().manual_seed(1)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in FLAT_SHAPES]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
     opt = IntSGD(params, numerics=numerics, **options)
-    for grads in steps:
+    for grads in schedule:
         for p, g in zip(params, grads):
             p.grad = None if g is None else g.clone()
         opt.step()
@@ -277,3 +320,42 @@ def test_flat_update_is_the_definition_bit_for_bit(name, master_bits):
         assert int(opt.state[p]["master_exponent"]) == int(state["exponent"])
         if "momentum" in state:
             assert torch.equal(opt.state[p]["momentum"].reshape(-1), state["momentum"].reshape(-1))
+
+
+def test_bounds_spare_the_passes_of_a_typical_step():
+    """On a trained-like step (momentum, weight decay, a gradient of the momentum's size), the
+    C++ call decides every grid from bounds and the float64 estimate: after the pass for the
+    largest magnitudes, one pass stores the momentum and the master together."""
+    extension = native_sgd.module()
+    if extension is None:
+        pytest.skip("IntSGD's C++ step could not be built here")
+    gen = torch.Generator().manual_seed(7)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.05) for s in [(256, 256), (4096,)]]
+    opt = IntSGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    for _ in range(5):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+        extension.pass_counts()
+        opt.step()
+    counts = extension.pass_counts()
+    total = sum(p.numel() for p in params)
+    assert counts["store_both"] == total, counts
+    assert sum(counts.values()) == total, counts
+
+
+def test_non_finite_gradient_leaves_everything_as_it_was():
+    gen = torch.Generator().manual_seed(8)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(5, 3), (4,)]]
+    opt = IntSGD(params, lr=0.1, momentum=0.9)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    state = {k: v.clone() for k, v in opt.state[params[0]].items() if isinstance(v, torch.Tensor)}
+    counter = opt.stream.counter
+    params[1].grad[2] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"parameter 1 \(shape \(4,\)\)"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(torch.equal(opt.state[params[0]][k], v) for k, v in state.items())
+    assert opt.stream.counter == counter
