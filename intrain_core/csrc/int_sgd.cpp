@@ -58,18 +58,19 @@ struct LeftShift {
 };
 
 // rounding.shift_right(m, shift, "nearest") on int64: half to even; a negative shift multiplies.
+// No shift is done as a doubling and a halving, (2m + (m & 1)) >> 1 = m, so that the loop has no
+// mask for it (the values here stay below 2**62, so doubling them cannot overflow).
 struct NearestShift {
   LeftShift left{0};
-  int right = 0;
-  int64_t rounds = 0, half_less = 0;
-  explicit NearestShift(int64_t shift) : left(std::max<int64_t>(-shift, 0)) {
-    right = int(clamp64(shift, 0, 62));
-    rounds = right > 0;
-    half_less = (rounds << std::max(right - 1, 0)) - rounds;
+  int right = 1;
+  int64_t half_less = 0;
+  explicit NearestShift(int64_t shift) : left(std::max<int64_t>(-shift, 0) + (shift <= 0)) {
+    right = int(clamp64(shift, 1, 62));
+    half_less = (int64_t(1) << (right - 1)) - 1;
   }
   inline int64_t operator()(int64_t m) const {
     m = left(m);
-    return (m + half_less + ((m >> right) & rounds)) >> right;
+    return (m + half_less + ((m >> right) & 1)) >> right;
   }
 };
 
@@ -211,8 +212,9 @@ struct Update {
   Plan p;  // a copy: its fields stay in registers across the loops' stores
 
   inline int64_t d(int64_t i) const {
+    // Below 2**61 - 2**37 (the largest scaled gradient lies in [2**60, 2**61) and has 24
+    // significant bits), so the definition's clamp to +-(2**61 - 1) never acts.
     int64_t v = int64_t(std::nearbyint(p.grad_scale(p.grad_sign * p.grad[i])));
-    v = clamp64(v, -p.wide, p.wide);
     if constexpr (kDecay) v = p.d_align(v) + p.decay_align(product(p.master[i], p.decay));
     return v;
   }
