@@ -96,3 +96,4 @@ def test_an_installed_package_has_its_presets_from_any_directory(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env={"PYTHONPATH": str(target)},
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == [str(target / "intrain_core" / "__init__.py"), "16"]
+    assert (target / "intrain_core" / "csrc" / "int_sgd.cpp").is_file()  # IntSGD's C++ step, built on first use
