@@ -15,8 +15,8 @@ from collections.abc import Mapping
 
 import torch
 
-from .fixed_point import FixedPoint, NonFiniteError, fixed_constant, from_fixed, map_deferred, nonfinite_message
 from . import native_sgd
+from .fixed_point import FixedPoint, NonFiniteError, fixed_constant, from_fixed, map_deferred, nonfinite_message
 from .flat_layout import FlatLayout, spread_segment_max
 from .numerics import Numerics
 from .ops.weights import attach_master, contexts_of

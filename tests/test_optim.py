@@ -359,3 +359,32 @@ def test_non_finite_gradient_leaves_everything_as_it_was():
     assert all(torch.equal(p, b) for p, b in zip(params, before))
     assert all(torch.equal(opt.state[params[0]][k], v) for k, v in state.items())
     assert opt.stream.counter == counter
+
+
+def test_without_a_compiler_the_torch_kernels_take_over(monkeypatch, tmp_path):
+    """Where the C++ step cannot be built (no g++, say), IntSGD warns once and computes the
+    same bits with its torch kernels."""
+    import torch.utils.cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("c++: command not found")
+
+    def run():
+        gen = torch.Generator().manual_seed(9)
+        ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(6, 4), (3,)]]
+        opt = IntSGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return ps
+
+    expected = run()
+    monkeypatch.setattr(native_sgd, "_module", None)
+    monkeypatch.setattr(native_sgd, "_failed", False)
+    monkeypatch.setenv("INTRAIN_EXTENSION_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    with pytest.warns(RuntimeWarning, match="could not be built.*c\\+\\+: command not found"):
+        got = run()
+    assert native_sgd.module() is None
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))

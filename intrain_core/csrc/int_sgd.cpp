@@ -5,10 +5,11 @@
 // inductor 542 s to generate, and its loop ran at 2.3 ns an element against 1.1 ns for the same
 // loop here (docs/findings.md). The definition stays the judge (tests/test_optim.py).
 //
-// Each tensor's step is a chain of passes: every largest magnitude that a later grid depends
-// on ends a pass, and the next pass recomputes the chain up to where it stopped (cheaper than
-// storing 64-bit intermediates). A parameter below kWholeNumel elements runs all its passes
-// on one thread while it is in that core's cache; a larger one runs each pass on every thread.
+// Each grid of the definition depends on the largest magnitude of a term before it. A pass
+// over the tensor measures one; bounds (Range) and a float64 estimate (SumEstimate) decide
+// most of them without one, so that a typical step makes two passes: the maxima, then one that
+// stores the momentum and the master. A parameter below kWholeNumel elements runs all its
+// passes on one thread while it is in that core's cache; a larger one runs each on every thread.
 #include <torch/extension.h>
 
 #include <omp.h>
@@ -20,8 +21,6 @@
 #include <cstring>
 #include <map>
 #include <string>
-#include <type_traits>
-#include <utility>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -166,18 +165,18 @@ struct Plan {
   int64_t numel;
   const float* grad;
   int32_t* master;
-  int32_t* momentum;  // null without momentum
+  int32_t* momentum;  // null without momentum; zeros where it starts
   float* value;
   int64_t* master_exp;
   int64_t* momentum_exp;
   int64_t momentum_key, master_key;
-  bool first;  // the momentum starts: its buffer is not read
+  bool first;  // the momentum starts: its buffer counts 0 times
 
   Maxima maxima;
   SumEstimate estimate;
   int64_t limit = 0, wide = (int64_t(1) << (kWideBits - 1)) - 1;
-  // Coefficients fit in 31 bits and masters, momenta and steps in 32: the products are
-  // 32 x 32 -> 64-bit multiplies, which vector units do in one instruction.
+  // Coefficients fit in 31 bits and masters, momenta and steps in 32: every product is one of
+  // two 32-bit values, exact in 64 bits.
   int32_t decay = 0, decayed = 0, keep = 1, lr = 0;
   // d: the gradient on a 62-bit grid, plus the weight decay term.
   Pow2Scale grad_scale{0};
@@ -590,9 +589,10 @@ Coefficient coefficient(const std::vector<int64_t>& c, size_t k) { return {c[2 *
 }  // namespace
 
 // Returns -1, or the index of the first parameter whose gradient holds NaN or Inf (then nothing
-// is written). Masters, momenta, values (the parameters) and the exponents (int64, one per
-// parameter) are updated in place; a momentum that starts (``firsts``) is only written. ``coefficients``: (mantissa, exponent) of -lr, momentum, 1 - dampening, weight
-// decay; ``flags``: weight decay, momentum, nesterov, maximize, dampening, stochastic.
+// is written). Masters, momenta (int32), values (the float32 parameters) and the exponents
+// (int64, one per parameter) are updated in place; a momentum that starts (``firsts``) must be
+// zeros. ``coefficients``: (mantissa, exponent) of -lr, momentum, 1 - dampening, weight decay;
+// ``flags``: weight decay, momentum, nesterov, maximize, dampening, stochastic.
 int64_t int_sgd_step(const std::vector<torch::Tensor>& grads, const std::vector<torch::Tensor>& masters,
                      const std::vector<torch::Tensor>& momenta, const std::vector<torch::Tensor>& values,
                      const torch::Tensor& master_exps, const torch::Tensor& momentum_exps,
@@ -624,6 +624,13 @@ int64_t int_sgd_step(const std::vector<torch::Tensor>& grads, const std::vector<
   std::vector<Plan> updates(n);
   std::vector<size_t> whole, split;
   for (size_t t = 0; t < n; t++) {
+    const auto dense = [&](const torch::Tensor& x, torch::ScalarType type) {
+      return x.scalar_type() == type && x.is_contiguous() && x.device().is_cpu() && x.numel() == grads[t].numel();
+    };
+    TORCH_CHECK(dense(grads[t], torch::kFloat32) && dense(masters[t], torch::kInt32) &&
+                    dense(values[t], torch::kFloat32) && (!group.has_momentum || dense(momenta[t], torch::kInt32)),
+                "int_sgd_step: parameter ", t, " needs dense CPU tensors of one size (float32 gradient and value, ",
+                "int32 master and momentum)");
     Plan& u = updates[t];
     u.group = &group;
     u.numel = grads[t].numel();
