@@ -35,18 +35,35 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
-def _flags() -> list[str]:
-    flags = ["-O3", "-march=native", "-fopenmp"]
-    if "AVX512" in torch.backends.cpu.get_cpu_capability():
+def _flags(arch: str = "native") -> list[str]:
+    flags = ["-O3", f"-march={arch}", "-fopenmp"]
+    if arch == "native" and "AVX512" in torch.backends.cpu.get_cpu_capability():
         flags.append("-mprefer-vector-width=512")  # g++ uses 256-bit vectors by default
     return flags
 
 
-def _build_directory() -> Path:
+def _build_directory(arch: str = "native") -> Path:
     root = os.environ.get("INTRAIN_EXTENSION_CACHE") or Path.home() / ".cache" / "intrain" / "extensions"
     # Code built with -march=native runs only on the CPU it was built for.
-    machine = hashlib.sha256(f"{_cpu_model()}|{torch.__version__}|{_flags()}".encode()).hexdigest()[:16]
+    machine = hashlib.sha256(f"{_cpu_model()}|{torch.__version__}|{_flags(arch)}".encode()).hexdigest()[:16]
     return Path(root) / f"int_sgd-{machine}"
+
+
+def build(arch: str = "native"):
+    """The extension built for ``arch`` (g++'s ``-march``; tests build ``haswell``, AVX2 code,
+    to check that code path on any x86 CPU). Raises where it cannot be built."""
+    # Its import warns that there is no CUDA, which this CPU-only build does not need.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils.cpp_extension import load
+
+    directory = _build_directory(arch)
+    if not any(directory.glob("*.so")):
+        logging.getLogger("intrain").info("building IntSGD's C++ step for this CPU into %s (once, about 30 s)",
+                                          directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = "intrain_int_sgd" if arch == "native" else f"intrain_int_sgd_{arch.replace('-', '_')}"
+    return load(name, [str(SOURCE)], extra_cflags=_flags(arch), extra_ldflags=["-fopenmp"],
+                build_directory=str(directory), verbose=False)
 
 
 def enabled() -> bool:
@@ -59,17 +76,7 @@ def module():
     if _module is not None or _failed or not enabled():
         return _module
     try:
-        # Its import warns that there is no CUDA, which this CPU-only build does not need.
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        from torch.utils.cpp_extension import load
-
-        directory = _build_directory()
-        if not any(directory.glob("*.so")):
-            logging.getLogger("intrain").info("building IntSGD's C++ step for this CPU into %s (once, about 30 s)",
-                                              directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        _module = load("intrain_int_sgd", [str(SOURCE)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
-                       build_directory=str(directory), verbose=False)
+        _module = build()
     except Exception as error:  # noqa: BLE001 - any build failure falls back to the torch kernels
         _failed = True
         warnings.warn(f"IntSGD's C++ step could not be built ({type(error).__name__}: {str(error)[:200]}); "

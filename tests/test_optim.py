@@ -1,5 +1,6 @@
 """IntSGD against torch.optim.SGD fed the same gradients (docs/numerics-contract.md section 8)."""
 import dataclasses
+import platform
 
 import pytest
 import torch
@@ -222,6 +223,10 @@ def path(request, monkeypatch):
         monkeypatch.setenv("INTRAIN_NATIVE_SGD", "0")
         yield request.param
         return
+    if request.param == "avx2":
+        if platform.machine() != "x86_64" or "avx2" not in open("/proc/cpuinfo").read():
+            pytest.skip("AVX2 code runs on x86 CPUs with AVX2 only")
+        monkeypatch.setattr(native_sgd, "_module", native_sgd.build("haswell"))
     extension = native_sgd.module()
     if extension is None:
         pytest.skip("IntSGD's C++ step could not be built here")
@@ -289,6 +294,14 @@ LARGE_SHAPES = [(2**18 + 2**15 + 7,), (600, 512), (3, 5)]
 @pytest.mark.parametrize("name", ["momentum", "weight_decay", "nesterov_weight_decay", "weight_decay_only"])
 def test_large_parameters_are_the_definition_bit_for_bit(name, path):
     assert_definition_bit_for_bit(OPTIONS[name], 32, LARGE_SHAPES, steps=3)
+
+
+@pytest.mark.parametrize("path", ["avx2"], indirect=True)
+@pytest.mark.parametrize("name", ["dampening", "nesterov_weight_decay", "weight_decay"])
+def test_avx2_code_is_the_definition_bit_for_bit(name, path):
+    """The C++ step compiled for AVX2, as on a CPU without AVX-512 (no 64-bit vector multiply):
+    the same bits, checked on any x86 CPU with AVX2."""
+    assert_definition_bit_for_bit(OPTIONS[name], 32, FLAT_SHAPES + LARGE_SHAPES[:1], steps=3)
 
 
 def test_nearest_rounding_is_the_definition_bit_for_bit():
