@@ -25,14 +25,20 @@ _failed = False
 
 
 def _cpu_model() -> str:
+    """The CPU's name and instruction-set flags: virtual machines of one name differ in their
+    flags (AVX2 only, or AVX-512), and code built for one must not run on the other."""
+    found = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith(("model name", "flags")):
-                    return line
+                key = line.split(":")[0].strip()
+                if key in ("model name", "flags") and key not in found:
+                    found[key] = line.strip()
+                if len(found) == 2:
+                    break
     except OSError:
         pass
-    return platform.processor()
+    return "|".join(found.values()) or platform.processor()
 
 
 def _flags(arch: str = "native") -> list[str]:

@@ -115,9 +115,6 @@ class IntSGD(torch.optim.Optimizer):
                 continue
             constants = [fixed_constant(value, cbits) for value in
                          (-group["lr"], group["momentum"], 1.0 - group["dampening"], group["weight_decay"])]
-            # Tensors: the learning rate changes every step, and a compiled kernel must not
-            # be specialised for it.
-            coefficients = tuple((torch.tensor(m), torch.tensor(e)) for m, e in constants)
             # Two keys per parameter, in order: its momentum's, then its master's.
             keys = self.stream.next_keys(2 * len(params), params[0].device).view(-1, 2)
             momentum = constants[1][0] != 0
@@ -125,6 +122,9 @@ class IntSGD(torch.optim.Optimizer):
             if native is not None:
                 self._update_native(native, group, params, keys, constants, starts, with_grads)
                 continue
+            # Tensors: the learning rate changes every step, and a compiled kernel must not
+            # be specialised for it.
+            coefficients = tuple((torch.tensor(m), torch.tensor(e)) for m, e in constants)
             flags = [(constants[3][0] != 0, momentum, first, group["nesterov"], group["maximize"],
                       group["dampening"] != 0) for first in starts]
             small = [i for i, p in enumerate(params) if p.numel() < ALONE_NUMEL]
@@ -147,11 +147,12 @@ class IntSGD(torch.optim.Optimizer):
         for p, first in zip(params, starts):
             state = self.state[p]
             w, w_exp = self._master(p, state)
-            masters.append(w.to(stored).contiguous())  # a state loaded as int64 becomes int32
+            masters.append(w if w.dtype == stored and w.is_contiguous()
+                           else w.to(stored).contiguous())  # a state loaded as int64 becomes int32
             master_exps.append(w_exp)
             if momentum:
-                momenta.append(torch.zeros(p.shape, dtype=stored) if first
-                               else state["momentum"].to(stored).contiguous())
+                buf = torch.zeros(p.shape, dtype=stored) if first else state["momentum"]
+                momenta.append(buf if buf.dtype == stored and buf.is_contiguous() else buf.to(stored).contiguous())
                 momentum_exps.append(w_exp if first else state["momentum_exponent"])
             grads.append(p.grad if p.grad.dtype == torch.float32 and p.grad.is_contiguous()
                          else p.grad.to(torch.float32).contiguous())

@@ -401,3 +401,15 @@ def test_without_a_compiler_the_torch_kernels_take_over(monkeypatch, tmp_path):
         got = run()
     assert native_sgd.module() is None
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_the_cpp_build_is_kept_apart_per_instruction_set(monkeypatch):
+    """Code built with -march=native on an AVX-512 machine must not be loaded on an AVX2-only one
+    of the same name (virtual machines of this kind differ so): the build directory follows
+    the CPU's flags, not only its name."""
+    if platform.system() == "Linux":
+        assert "flags" in native_sgd._cpu_model()
+    monkeypatch.setattr(native_sgd, "_cpu_model", lambda: "model name: Xeon|flags: sse avx2")
+    avx2 = native_sgd._build_directory()
+    monkeypatch.setattr(native_sgd, "_cpu_model", lambda: "model name: Xeon|flags: sse avx2 avx512f")
+    assert native_sgd._build_directory() != avx2
