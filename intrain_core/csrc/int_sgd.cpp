@@ -514,10 +514,10 @@ void run_update(Plan& u, bool split) {
       u.buffer_align = NearestShift(sum_exp - decay_exp);
       u.term_align = NearestShift(sum_exp - term_exp);
       sum = decayed.map(u.buffer_align).plus(term.map(u.term_align));
-      if (!sum.decided()) {
-        const Range estimate = estimated_sum(u, sum_exp);
-        sum = {std::max(sum.lo, estimate.lo), std::min(sum.hi, estimate.hi)};
-      }
+      // Narrowed by the estimate even where the bounds decide the bit length: the momentum's
+      // range then decides the master's grid more often.
+      const Range estimate = estimated_sum(u, sum_exp);
+      sum = {std::max(sum.lo, estimate.lo), std::min(sum.hi, estimate.hi)};
       if (!sum.decided() || sum.lo > sum.hi) sum = measured(kPassMomentumSum);
     }
     const int64_t shift = narrowing_shift_of(sum, gr.bits);
