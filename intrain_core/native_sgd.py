@@ -3,7 +3,7 @@
 It computes the integers of ``sgd_update.update_definition`` for every parameter of a group in
 one call, in place. It is built with this CPU's vector instructions (``-march=native``) into
 ``~/.cache/intrain/extensions`` (``INTRAIN_EXTENSION_CACHE`` elsewhere), one directory per
-CPU model and torch version, once: about 30 s on 2 cores. Where it cannot be built (no C++
+CPU (name and instruction-set flags) and torch version, once: about 30 s on 2 cores. Where it cannot be built (no C++
 compiler) or ``INTRAIN_NATIVE_SGD=0``, IntSGD runs its compiled torch kernels instead: the same
 bits, slower.
 """
