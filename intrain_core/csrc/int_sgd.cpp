@@ -267,15 +267,11 @@ struct Update {
   }
   int64_t pass_store_momentum(int64_t b, int64_t e) const {
     const Update self = *this;
-    int64_t m = 0;
-#pragma omp simd reduction(max : m)
-    for (int64_t i = b; i < e; i++) {
+    return largest(b, e, [&self](int64_t i) {
       const int64_t v = self.new_momentum(i);
       self.p.momentum[i] = int32_t(v);
-      const int64_t a = abs64(v);
-      m = a > m ? a : m;
-    }
-    return m;
+      return v;
+    });
   }
   int64_t pass_nesterov_sum(int64_t b, int64_t e) const {
     const Update self = *this;
