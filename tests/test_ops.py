@@ -300,11 +300,11 @@ def test_scratch_buffers_are_reused_and_stay_exact(monkeypatch):
     directions, and an image larger than a block gets a buffer of its own that is not kept."""
     import threading
 
-    from intrain_core.backends import im2col, reference
+    from intrain_core.backends import im2col, reference, scratch
 
     block_bytes = 4096
     monkeypatch.setattr(im2col, "BLOCK_BYTES", block_bytes)
-    monkeypatch.setattr(im2col, "_scratch", threading.local())
+    monkeypatch.setattr(scratch, "_kept", threading.local())
     gen = torch.Generator().manual_seed(5)
     bound, one = 127 * 127, (1, 1)
     kept = []
@@ -319,7 +319,7 @@ def test_scratch_buffers_are_reused_and_stay_exact(monkeypatch):
         assert torch.equal(dx, reference.conv2d_input(x.shape, w, g, stride, one, one, 1, bound, torch.int32))
         dw = im2col.conv2d_weight(x, w_shape, g, stride, one, one, bound, torch.int32)
         assert torch.equal(dw, reference.conv2d_weight(x, w_shape, g, stride, one, one, 1, bound, torch.int32))
-        kept.append(im2col._scratch.block)
+        kept.append(scratch._kept.block)
     assert kept[-1] is kept[-2]  # the last one's images were each too large to keep a buffer
     assert max(buffer.numel() for buffer in kept) <= block_bytes
 
@@ -330,9 +330,9 @@ def test_a_convolution_result_goes_into_the_thread_buffer_only_when_asked(monkey
     is the caller's own and no later call changes it."""
     import threading
 
-    from intrain_core.backends import im2col, reference
+    from intrain_core.backends import im2col, reference, scratch
 
-    monkeypatch.setattr(im2col, "_scratch", threading.local())
+    monkeypatch.setattr(scratch, "_kept", threading.local())
     gen = torch.Generator().manual_seed(6)
     bound, one = 127 * 127, (1, 1)
     x = torch.randint(-127, 128, (3, 4, 7, 7), dtype=torch.int8, generator=gen)
@@ -350,6 +350,41 @@ def test_a_convolution_result_goes_into_the_thread_buffer_only_when_asked(monkey
     assert dx.data_ptr() == first.data_ptr()
     assert torch.equal(dx, reference.conv2d_input(x.shape, w[0], g, one, one, one, 1, bound, torch.int32))
     assert torch.equal(own, expected[0]) and own.data_ptr() != first.data_ptr()
+
+
+def test_a_gemm_result_goes_into_the_thread_buffer_only_when_asked(monkeypatch):
+    """``scratch=True`` (a linear layer, which converts its accumulator at once): an ``int_mm``
+    result, exact when returned, lies in the thread's kept buffer, which the next such call
+    overwrites; a call without it returns a tensor of its own; results past the kept size, and
+    the reference backend's, are always new."""
+    import threading
+
+    from intrain_core.backends import native, reference, scratch
+
+    monkeypatch.setattr(scratch, "_kept", threading.local())
+    monkeypatch.setenv("INTRAIN_GEMM_KERNEL", "int_mm")
+    native.gemm_kernel.cache_clear()
+    try:
+        gen = torch.Generator().manual_seed(7)
+        bound = 127 * 127
+        a = [torch.randint(-127, 128, (9, 16), dtype=torch.int8, generator=gen) for _ in range(2)]
+        b = torch.randint(-127, 128, (16, 5), dtype=torch.int8, generator=gen)
+        expected = [ai.long() @ b.long() for ai in a]
+        own = native.matmul(a[0], b, bound, torch.int32)
+        first = native.matmul(a[0], b, bound, torch.int32, scratch=True)
+        assert torch.equal(first.long(), expected[0])
+        snapshot = first.clone()
+        second = native.matmul(a[1], b.t().contiguous().t(), bound, torch.int32, scratch=True)
+        assert torch.equal(second.long(), expected[1])
+        assert second.data_ptr() == first.data_ptr() and not torch.equal(first, snapshot)
+        assert torch.equal(own.long(), expected[0]) and own.data_ptr() != first.data_ptr()
+        monkeypatch.setattr(scratch, "KEPT_BYTES", 9 * 5 * 4 - 1)
+        large = native.matmul(a[0], b, bound, torch.int32, scratch=True)
+        assert torch.equal(large.long(), expected[0]) and large.data_ptr() != first.data_ptr()
+        ref = reference.matmul(a[0], b, bound, torch.int32, scratch=True)
+        assert torch.equal(ref.long(), expected[0]) and ref.data_ptr() != first.data_ptr()
+    finally:
+        native.gemm_kernel.cache_clear()
 
 
 def test_int_mm_sums_exactly_whatever_the_operand_strides():

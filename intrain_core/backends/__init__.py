@@ -4,7 +4,7 @@ A kernel takes integer mantissa tensors and the bound ``product_bound = qmax_a *
 one product, and returns the exact integer sums in ``acc_dtype`` (int32 or int64);
 ``matmul_to_float`` returns a product already mapped back (``from_fixed``), which lets a backend
 fold the scale into the GEMM.
-``conv2d`` and ``conv2d_input`` take ``scratch=True`` from a caller that converts the result
+``matmul``, ``conv2d`` and ``conv2d_input`` take ``scratch=True`` from a caller that converts the result
 before its next such call: a backend may then return it in a buffer it reuses.
 """
 from __future__ import annotations

@@ -20,38 +20,15 @@ for the rest.
 """
 from __future__ import annotations
 
-import math
-import threading
-
 import torch
 
 from .int_mm import int_mm
+from .scratch import kept_buffer
 
 INT32_MAX = 2**31 - 1
 # Patch bytes copied per block: the GEMM of a few MiB runs at full speed, and the buffer the
 # blocks share stays small.
 BLOCK_BYTES = 8 << 20
-
-
-# The largest operand copy (a padded input or gradient) or int32 result that a thread keeps for
-# the next call.
-KEPT_COPY_BYTES = 64 << 20
-
-_scratch = threading.local()
-
-
-def _scratch_buffer(name: str, shape, device: torch.device, keep_bytes: int, dtype=torch.int8) -> torch.Tensor:
-    """A ``dtype`` buffer of ``shape``: on a CPU the calling thread's buffer ``name``, reused from
-    call to call while it needs at most ``keep_bytes``; a new one otherwise (other devices'
-    allocators already reuse memory)."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    if device.type != "cpu" or nbytes > keep_bytes:
-        return torch.empty(shape, dtype=dtype, device=device)
-    buffer = getattr(_scratch, name, None)
-    if buffer is None or buffer.numel() < nbytes:
-        buffer = torch.empty(nbytes, dtype=torch.int8)
-        setattr(_scratch, name, buffer)
-    return buffer[:nbytes].view(dtype).view(shape)
 
 
 def _block(patches: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -60,7 +37,7 @@ def _block(patches: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     rows, reduction = view.shape[:3].numel(), view.shape[3:].numel()
     if view.is_contiguous():
         return view.reshape(rows, reduction)
-    block = _scratch_buffer("block", view.shape, view.device, BLOCK_BYTES)
+    block = kept_buffer("block", view.shape, view.device, keep_bytes=BLOCK_BYTES)
     block.copy_(view)
     return block.view(rows, reduction)
 
@@ -75,7 +52,7 @@ def _nhwc(t: torch.Tensor, name: str, pad_h=(0, 0), pad_w=(0, 0), stride=(1, 1))
     pad_w[0] + w stride[1]), and pad_h[1] rows and pad_w[1] columns of zeros after the last."""
     n, c, h, w = t.shape
     rows, cols = (h - 1) * stride[0] + 1, (w - 1) * stride[1] + 1
-    out = _scratch_buffer(name, (n, rows + sum(pad_h), cols + sum(pad_w), c), t.device, KEPT_COPY_BYTES)
+    out = kept_buffer(name, (n, rows + sum(pad_h), cols + sum(pad_w), c), t.device)
     if stride != (1, 1):
         out.zero_()
     else:  # only the border: the copy below writes the rest
@@ -122,7 +99,7 @@ def _conv_padded(xp: torch.Tensor, w: torch.Tensor, out_hw, stride, dilation, sc
     patches = _patches(xp, (kh, kw), out_hw, stride, dilation)
     positions = out_hw[0] * out_hw[1]
     shape = (n * positions, cout)
-    out = (_scratch_buffer("result", shape, xp.device, KEPT_COPY_BYTES, torch.int32) if scratch
+    out = (kept_buffer("result", shape, xp.device, torch.int32) if scratch
            else torch.empty(shape, dtype=torch.int32, device=xp.device))
     step = _images_per_block(reduction, positions, n)
     for start in range(0, n, step):

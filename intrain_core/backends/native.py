@@ -31,6 +31,7 @@ from torch.nn.grad import conv2d_weight as _conv2d_weight
 from . import im2col
 from ..fixed_point import from_fixed
 from .int_mm import int_mm
+from .scratch import kept_buffer
 
 FLOAT32_EXACT = 2**24
 FLOAT64_EXACT = 2**53
@@ -116,11 +117,16 @@ def _float_kernel(a: torch.Tensor, b: torch.Tensor, product_bound: int, acc_dtyp
     return _exact_float(1, product_bound)
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, product_bound: int, acc_dtype: torch.dtype) -> torch.Tensor:
-    """Exact ``a @ b`` of integer tensors, broadcast like torch.matmul, in ``acc_dtype``."""
+def matmul(a: torch.Tensor, b: torch.Tensor, product_bound: int, acc_dtype: torch.dtype,
+           scratch: bool = False) -> torch.Tensor:
+    """Exact ``a @ b`` of integer tensors, broadcast like torch.matmul, in ``acc_dtype``.
+    ``scratch``: the caller converts the result before its next ``scratch`` call, so an int32
+    result may live in a buffer the thread reuses."""
     kernel = _float_kernel(a, b, product_bound, acc_dtype)
     if kernel is None:
-        return int_mm(a, b)
+        if not scratch:
+            return int_mm(a, b)
+        return int_mm(a, b, out=kept_buffer("gemm", (a.shape[0], b.shape[1]), a.device, torch.int32))
     dtype, chunk = kernel
     k = a.shape[-1]
     if k <= chunk:
@@ -155,7 +161,7 @@ def matmul_to_float(a: torch.Tensor, exponent_a: torch.Tensor, b: torch.Tensor, 
     """
     kernel = _float_kernel(a, b, product_bound, acc_dtype)
     if kernel is None or kernel[0] != torch.float32 or a.shape[-1] > kernel[1]:  # not one float32 GEMM
-        return from_fixed(matmul(a, b, product_bound, acc_dtype), exponent_a + exponent_b)
+        return from_fixed(matmul(a, b, product_bound, acc_dtype, scratch=True), exponent_a + exponent_b)
     if a.device.type == "cpu":
         exponents = (int(exponent_a), int(exponent_b))
         if _scales_fold(exponents):

@@ -14,8 +14,10 @@ def _check_int64(acc: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
     return acc.to(acc_dtype)
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, product_bound: int, acc_dtype: torch.dtype) -> torch.Tensor:
-    """``a @ b`` for integer tensors (batched like torch.matmul), always in ``acc_dtype``."""
+def matmul(a: torch.Tensor, b: torch.Tensor, product_bound: int, acc_dtype: torch.dtype,
+           scratch: bool = False) -> torch.Tensor:
+    """``a @ b`` for integer tensors (batched like torch.matmul), always in ``acc_dtype`` and in a
+    tensor of its own (``scratch`` allows a reused buffer; this backend has none)."""
     return _check_int64(torch.matmul(a.long(), b.long()), acc_dtype)
 
 

@@ -27,7 +27,7 @@ class IntegerLinear(torch.autograd.Function):
         k = x.shape[-1]
         x2 = xq.mantissa.reshape(-1, k)
         acc_dtype, bound = context.accumulator(k, n.forward_bits, n.forward_bits)
-        acc = context.backend.matmul(x2, wq.mantissa.t(), bound, acc_dtype)
+        acc = context.backend.matmul(x2, wq.mantissa.t(), bound, acc_dtype, scratch=True)  # converted below
         exponent = xq.exponent + wq.exponent
         b = None
         if bias is not None:
