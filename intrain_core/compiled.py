@@ -4,12 +4,15 @@ Inductor turns each of them into one or two loops (C++ on a CPU, Triton on CUDA)
 Python, which eager PyTorch runs as a dozen passes over the tensor. Compiled and eager code give
 the same bits (integer arithmetic, and float steps that are exact), so the choice is only speed.
 
-Compiling one kernel costs seconds to tens of seconds (one-time; inductor's on-disk cache serves
-later processes), so by default a kernel is compiled only once it has earned it: each distinct
-kernel runs eagerly until its eager calls have taken as long as a compilation is expected to
-take, then it is compiled (the ski-rental rule: never more than twice the time of the better
-choice made in hindsight). A short run or a test compiles little or nothing; a long run compiles
-every kernel that matters within its first minutes. ``INTRAIN_COMPILE`` sets the mode:
+Compiling costs a start-up once per process (the compiler's imports and its C++ prelude) and then
+about a second per kernel; inductor's on-disk cache serves later processes faster. So by default
+a kernel is compiled only once it has earned it (the ski-rental rule: never more than twice the
+time of the better choice made in hindsight): the start-up is paid once the process's eager
+kernels together have taken as long as it, and each kernel is compiled once its own eager calls
+have taken as long as compiling it. A test compiles nothing; a short run compiles its hot kernels
+after a few dozen steps; a long run compiles every kernel that matters. A kernel that an earlier
+process compiled (``kernel_record``) loads from inductor's cache in a fraction of a second, so it
+is compiled at its first call. ``INTRAIN_COMPILE`` sets the mode:
 - ``auto`` (default): as above on a CPU; on CUDA, where eager calls return before the device has
   finished and cannot be timed without waiting, at the first call;
 - ``1``: every kernel at its first call (benchmarks of the steady state);
@@ -31,12 +34,16 @@ import types
 import torch
 from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list, set_eval_frame
 
+from . import kernel_record
+
 # Below this many elements a kernel costs less than the call into compiled code.
 MIN_COMPILED_NUMEL = 1 << 14
 
-# The expected cost of compiling one kernel until one has been measured in this process: cold
-# compilations took 10-30 s each on a 2-core Xeon (2026-11-30), cached ones 1-3 s.
-EXPECTED_COMPILE_S = 15.0
+# Measured on a 2-core Xeon (2026-12-03), an empty cache against a filled one: the first
+# compilation of a process took 15 and 3.2 s, the following ones 0.7-1.3 and 0.1-0.3 s each.
+EXPECTED_STARTUP_S = 15.0
+# One kernel after the start-up, until one has been measured in this process.
+EXPECTED_COMPILE_S = 1.5
 
 MODES = {"0": "never", "1": "always", "auto": "auto", "never": "never", "always": "always"}
 
@@ -49,7 +56,9 @@ def _mode_from_environment() -> str:
 
 
 _mode = _mode_from_environment()
-_compile_seconds: list[float] = []  # measured compilations in this process
+_startup_paid = False  # a kernel has been compiled in this process
+_eager_seconds = 0.0  # all kernels' eager calls in this process, towards the start-up
+_compile_seconds: list[float] = []  # measured compilations from scratch after the start-up
 
 
 @contextlib.contextmanager
@@ -72,6 +81,16 @@ def expected_compile_seconds() -> float:
     return sum(_compile_seconds) / len(_compile_seconds)
 
 
+def _measured(seconds: float, from_scratch: bool) -> None:
+    """Book a compiled call: the process's first pays the start-up; a later kernel's first call
+    that inductor's cache could not serve is the cost of one compilation."""
+    global _startup_paid
+    if not _startup_paid:
+        _startup_paid = True
+    elif from_scratch:
+        _compile_seconds.append(seconds)
+
+
 def _largest(args) -> torch.Tensor | None:
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     return max(tensors, key=torch.Tensor.numel, default=None)
@@ -89,12 +108,13 @@ class _Kernel:
     """One option set of a fused function: its eager time so far, its compiled form, and the
     direct calls of the graphs compiled so far."""
 
-    __slots__ = ("compiled", "eager_seconds", "direct", "free")
+    __slots__ = ("compiled", "eager_seconds", "direct", "free", "cached")
 
     def __init__(self):
         self.compiled = None
         self.eager_seconds = 0.0
         self.direct, self.free = [], {}
+        self.cached: dict[tuple, bool] = {}  # input layout -> compiled by an earlier process
 
     def learn_graphs(self):
         """(guards, function) for each graph dynamo holds: ``function`` runs the graph's code
@@ -118,10 +138,13 @@ class _Kernel:
                     set_eval_frame(prior)
         return None
 
-    def due(self, device: torch.device) -> bool:
-        if _mode == "always" or device.type != "cpu":
+    def due(self, device: torch.device, in_cache) -> bool:
+        """Compile now? ``in_cache()``: whether an earlier process compiled this kernel."""
+        if _mode == "always" or device.type != "cpu" or in_cache():
             return True
-        return self.eager_seconds >= expected_compile_seconds()
+        if self.eager_seconds < expected_compile_seconds():
+            return False
+        return _startup_paid or _eager_seconds >= EXPECTED_STARTUP_S
 
 
 def fused(fn):
@@ -148,12 +171,20 @@ def fused(fn):
         kernel.__code__ = kernel.__code__.replace(co_name=f"{fn.__name__}_{len(kernels)}")
         return torch.compile(kernel, fullgraph=True, dynamic=True)
 
+    def in_cache(entry: _Kernel, options: tuple, data: list) -> bool:
+        data_layout = kernel_record.layout(data)
+        cached = entry.cached.get(data_layout)
+        if cached is None:
+            cached = entry.cached[data_layout] = kernel_record.known(kernel_record.signature(fn, options, data_layout))
+        return cached
+
     def run_compiled(entry: _Kernel, options: tuple, data: list):
         if entry.direct:
             result = entry.run_direct(data)
             if result is not None:
                 return result
         first = entry.compiled is None
+        data_layout = kernel_record.layout(data)
         if first:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             entry.compiled = specialised(options)
@@ -166,13 +197,14 @@ def fused(fn):
             result = entry.compiled(*data)
         finally:
             config.specialize_int, config.specialize_float = saved
-        if first:
-            _compile_seconds.append(time.perf_counter() - start)
+        _measured(time.perf_counter() - start, first and not entry.cached.get(data_layout))
+        kernel_record.remember(kernel_record.signature(fn, options, data_layout))
         entry.learn_graphs()  # dynamo may have compiled a graph for this call
         return result
 
     @functools.wraps(fn)
     def call(*args):
+        global _eager_seconds
         if _mode == "never" or torch.compiler.is_compiling():
             return fn(*args)
         largest = _largest(args)
@@ -182,11 +214,14 @@ def fused(fn):
         entry = kernels.get(options)
         if entry is None:
             entry = kernels[options] = _Kernel()
-        if entry.compiled is not None or entry.due(largest.device):
-            return run_compiled(entry, options, [a for a in args if _is_data(a)])
+        data = [a for a in args if _is_data(a)]
+        if entry.compiled is not None or entry.due(largest.device, lambda: in_cache(entry, options, data)):
+            return run_compiled(entry, options, data)
         start = time.perf_counter()
         result = fn(*args)
-        entry.eager_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        entry.eager_seconds += seconds
+        _eager_seconds += seconds
         return result
 
     call.eager = fn

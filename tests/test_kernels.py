@@ -186,23 +186,41 @@ def test_intsgd_update_same_bits():
 
 
 def test_auto_mode_compiles_a_kernel_once_its_eager_time_pays_for_it(monkeypatch):
-    """``auto``: eager while the kernel's eager seconds are below one expected compilation,
-    compiled from the call after they reach it, with the same bits."""
-    from intrain_core import compiled
+    """``auto``: a kernel stays eager while its eager seconds are below one expected compilation,
+    and, before anything is compiled in the process, while all kernels' eager seconds are below
+    the compiler's start-up; then it is compiled, with the same bits. The first compilation
+    pays the start-up and is not taken as the cost of one kernel; the next one is."""
+    from intrain_core import compiled, kernel_record
     from intrain_core.fixed_point import map_kernel
 
     x, key = data(8), torch.tensor(stream_key(2, 1))
-    options = ((True, None), (False, 8), (False, "stochastic"), (True, None))
+    stochastic = ((True, None), (False, 8), (False, "stochastic"), (True, None))
+    nearest = ((True, None), (False, 8), (False, "nearest"), (True, None))
     monkeypatch.setattr(compiled, "EXPECTED_COMPILE_S", 3600.0)
+    monkeypatch.setattr(compiled, "EXPECTED_STARTUP_S", 7200.0)
     monkeypatch.setattr(compiled, "_compile_seconds", [])
-    monkeypatch.setitem(map_kernel.kernels, options, compiled._Kernel())
+    monkeypatch.setattr(compiled, "_startup_paid", False)
+    monkeypatch.setattr(compiled, "_eager_seconds", 0.0)
+    monkeypatch.setattr(kernel_record, "known", lambda signature: False)
+    for options in (stochastic, nearest):
+        monkeypatch.setitem(map_kernel.kernels, options, compiled._Kernel())
     with compilation("auto"):
         first = map_kernel(x, 8, "stochastic", key)
-        entry = map_kernel.kernels[options]
+        entry = map_kernel.kernels[stochastic]
         assert entry.compiled is None and 0 < entry.eager_seconds < 3600
+        assert compiled._eager_seconds == entry.eager_seconds
         entry.eager_seconds = 3600.0  # as if an hour had been spent in it
+        map_kernel(x, 8, "stochastic", key)
+        assert entry.compiled is None  # the start-up is not paid for yet
+        compiled._eager_seconds = 7200.0  # as if all kernels had spent two hours
         second = map_kernel(x, 8, "stochastic", key)
-    assert entry.compiled is not None and len(compiled._compile_seconds) == 1
+        assert entry.compiled is not None and compiled._startup_paid and compiled._compile_seconds == []
+        other = map_kernel.kernels[nearest]
+        map_kernel(x, 8, "nearest", key)
+        assert other.compiled is None
+        other.eager_seconds = 3600.0
+        map_kernel(x, 8, "nearest", key)
+    assert other.compiled is not None and len(compiled._compile_seconds) == 1
     assert compiled.expected_compile_seconds() == compiled._compile_seconds[0]
     assert same_bits(first, second)
 
