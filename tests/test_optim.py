@@ -356,6 +356,40 @@ def test_bounds_spare_the_passes_of_a_typical_step():
     assert sum(counts.values()) == total, counts
 
 
+def test_nesterov_steps_take_the_fused_pass_with_the_definitions_bits():
+    """With Nesterov momentum the step's sum d + mu m is decided from the momentum's bounds and
+    a second float64 estimate: after the first step (which has no estimate: the momentum
+    starts), one pass stores the momentum and the master, and the integers are the
+    definition's."""
+    extension = native_sgd.module()
+    if extension is None:
+        pytest.skip("IntSGD's C++ step could not be built here")
+    options = dict(lr=0.01, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    shapes = [(256, 256), (4096,)]
+    numerics = Numerics.preset("int8")
+    gen = torch.Generator().manual_seed(9)
+    schedule = [[torch.randn(s, generator=gen) * 1e-3 for s in shapes] for _ in range(6)]
+    expected, states = definition_steps(options, numerics, schedule, shapes)
+    gen = torch.Generator().manual_seed(1)  # the definition's starting values
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    opt = IntSGD(params, numerics=numerics, **options)
+    counts = {}
+    for step, grads in enumerate(schedule):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        extension.pass_counts()
+        opt.step()
+        counts = extension.pass_counts() if step > 0 else counts
+        if step > 0:  # (d's own pass may run: the weight decay term is of the gradient's size here)
+            total = sum(p.numel() for p in params)
+            assert counts["store_both"] == total, (step, counts)
+            assert counts["store_momentum"] == counts["nesterov_sum"] == counts["store_master"] == 0, (step, counts)
+    for p, value, state in zip(params, expected, states):
+        assert torch.equal(p.detach(), value)
+        assert torch.equal(opt.state[p]["master"].reshape(-1), state["master"].reshape(-1))
+        assert torch.equal(opt.state[p]["momentum"].reshape(-1), state["momentum"].reshape(-1))
+
+
 def test_non_finite_gradient_leaves_everything_as_it_was():
     gen = torch.Generator().manual_seed(8)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(5, 3), (4,)]]

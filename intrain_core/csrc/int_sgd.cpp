@@ -142,7 +142,7 @@ struct Group {
 struct Maxima {
   uint32_t gradient_bits = 0;  // the largest |g|'s bit pattern: NaN and Inf lie above every finite value
   int64_t master = 0, momentum = 0;
-  double momentum_sum = 0;  // an estimate, see SumEstimate
+  double momentum_sum = 0, nesterov_sum = 0;  // estimates, see SumEstimate
 };
 
 // The momentum's sum, before any grid is known, in float64: mu b 2**eb + keep (g + wd w 2**ew)
@@ -152,10 +152,15 @@ struct Maxima {
 // decides the sum's bit length unless that lies within this error of a power of two. The sum
 // is otherwise the one pass that the bounds cannot spare: the momentum and the gradient are
 // of one size.
+//
+// With Nesterov momentum the step's sum d + mu m, m the new momentum, is estimated the same way
+// as (1 + mu) (g + wd w 2**ew) + mu**2 b 2**eb; its error adds the momentum's narrowing (at most
+// one unit of its grid before mu, which only the grid's exponent bounds).
 struct SumEstimate {
   static constexpr double kRelativeError = 0x1p-28;
   double momentum = 0, grad = 0, master = 0;  // the weights of b, g and w
-  bool usable = false;
+  double nesterov_momentum = 0, nesterov_grad = 0, nesterov_master = 0;
+  bool usable = false, nesterov = false;
 };
 
 // One parameter's step: where its tensors are, and the per-tensor constants that the stages
@@ -227,15 +232,16 @@ struct Update {
   inline int64_t new_momentum(int64_t i) const {
     return clamp64(p.momentum_narrow.template apply<kStochastic>(momentum_sum(i), i), -p.limit, p.limit);
   }
-  inline int64_t nesterov_sum(int64_t i) const {  // after the momentum is stored
-    return p.nesterov_d_align(d(i)) + p.nesterov_m_align(product(p.momentum[i], p.decayed));
+  inline int64_t nesterov_sum(int64_t i, int32_t momentum) const {  // with the new momentum
+    return p.nesterov_d_align(d(i)) + p.nesterov_m_align(product(momentum, p.decayed));
   }
-  // The step; with plain momentum it is the stored momentum itself.
-  inline int32_t step(int64_t i) const {
-    if constexpr (kKind == kMomentum || kKind == kDampedMomentum) return p.momentum[i];
-    if constexpr (kKind == kNesterov) return clamp64(p.step_narrow(nesterov_sum(i)), -p.limit, p.limit);
+  // The step from the new momentum; with plain momentum it is the momentum itself.
+  inline int32_t step_of(int64_t i, int32_t momentum) const {
+    if constexpr (kKind == kMomentum || kKind == kDampedMomentum) return momentum;
+    if constexpr (kKind == kNesterov) return clamp64(p.step_narrow(nesterov_sum(i, momentum)), -p.limit, p.limit);
     return clamp64(p.step_narrow(d(i)), -p.limit, p.limit);
   }
+  inline int32_t step(int64_t i) const { return step_of(i, kKind == kNoMomentum ? 0 : p.momentum[i]); }
   inline int64_t master_sum(int64_t i, int32_t step) const {
     return p.master_align(p.master[i]) + p.step_align(product(step, p.lr));
   }
@@ -275,7 +281,7 @@ struct Update {
   }
   int64_t pass_nesterov_sum(int64_t b, int64_t e) const {
     const Update self = *this;
-    return largest(b, e, [&self](int64_t i) { return self.nesterov_sum(i); });
+    return largest(b, e, [&self](int64_t i) { return self.nesterov_sum(i, self.p.momentum[i]); });
   }
   int64_t pass_master_sum(int64_t b, int64_t e) const {
     const Update self = *this;
@@ -289,14 +295,14 @@ struct Update {
   }
   int64_t pass(int kind, int64_t b, int64_t e) const;
   // The momentum and the master in one pass, where the bounds decided the master's grid and
-  // narrowing before the momentum was stored.
+  // narrowing (and Nesterov's sum) before the momentum was stored.
   int64_t pass_store_both(int64_t b, int64_t e) const {
     const Update self = *this;
 #pragma omp simd
     for (int64_t i = b; i < e; i++) {
       const int32_t v = int32_t(self.new_momentum(i));
       self.p.momentum[i] = v;
-      self.store_master(i, self.master_sum(i, v));
+      self.store_master(i, self.master_sum(i, self.step_of(i, v)));
     }
     return 0;
   }
@@ -315,16 +321,18 @@ int64_t Update<kStochastic, kKind, kDecay>::pass(int kind, int64_t b, int64_t e)
   }
 }
 
+template <bool kNesterov>
 Maxima pass_maxima(const Plan& p, int64_t begin, int64_t end) {
   uint32_t g = 0;
   int64_t w = 0, b = 0;
-  double sum = 0;
+  double sum = 0, nesterov = 0;
   const float* grad = p.grad;
   const int32_t* master = p.master;
   const bool continues = p.momentum != nullptr && !p.first;
   const int32_t* momentum = continues ? p.momentum : p.master;
   const double cb = p.estimate.momentum, cg = p.estimate.grad, cw = p.estimate.master;
-#pragma omp simd reduction(max : g, w, b, sum)
+  const double nb = p.estimate.nesterov_momentum, ng = p.estimate.nesterov_grad, nw = p.estimate.nesterov_master;
+#pragma omp simd reduction(max : g, w, b, sum, nesterov)
   for (int64_t i = begin; i < end; i++) {
     uint32_t bits;
     std::memcpy(&bits, grad + i, 4);
@@ -336,12 +344,17 @@ Maxima pass_maxima(const Plan& p, int64_t begin, int64_t end) {
     b = c > b ? c : b;
     const double s = std::fabs(double(momentum[i]) * cb + (double(grad[i]) * cg + double(master[i]) * cw));
     sum = s > sum ? s : sum;
+    if constexpr (kNesterov) {
+      const double t = std::fabs(double(momentum[i]) * nb + (double(grad[i]) * ng + double(master[i]) * nw));
+      nesterov = t > nesterov ? t : nesterov;
+    }
   }
   Maxima m;
   m.gradient_bits = g;
   m.master = w;
   m.momentum = continues ? b : 0;
   m.momentum_sum = sum;
+  m.nesterov_sum = nesterov;
   return m;
 }
 
@@ -357,7 +370,17 @@ void plan_estimate(Plan& u) {
   const auto fine = [](double v) { return v == 0 || std::isnormal(v); };
   s.usable = std::abs(*u.momentum_exp) < 900 && std::abs(*u.master_exp) < 900 && fine(s.momentum) && fine(s.grad) &&
              fine(s.master) && fine(keep);
-  if (!s.usable) s.momentum = s.grad = s.master = 0;
+  if (!s.usable) {
+    s.momentum = s.grad = s.master = 0;
+    return;
+  }
+  if (!gr.nesterov || gr.damped) return;  // torch allows Nesterov only undamped
+  const double mu = std::ldexp(double(gr.momentum.mantissa), int(gr.momentum.exponent));
+  s.nesterov_momentum = mu * s.momentum;
+  s.nesterov_grad = (1 + mu) * s.grad;
+  s.nesterov_master = (1 + mu) * s.master;
+  s.nesterov = fine(mu) && fine(s.nesterov_momentum) && fine(s.nesterov_grad) && fine(s.nesterov_master);
+  if (!s.nesterov) s.nesterov_momentum = s.nesterov_grad = s.nesterov_master = 0;
 }
 
 // Runs one pass over a tensor: on this thread, or split over every thread.
@@ -422,6 +445,26 @@ Range estimated_sum(const Plan& u, int64_t exponent) {
   const double error = terms * SumEstimate::kRelativeError;
   const double lo = std::ldexp(std::max(u.maxima.momentum_sum - error, 0.0), int(-exponent));
   const double hi = std::ldexp(u.maxima.momentum_sum + error, int(-exponent));
+  if (!(hi < 0x1p62) || std::abs(exponent) > 900) return unknown;
+  return {int64_t(std::floor(lo)), int64_t(std::ceil(hi))};
+}
+
+// Nesterov's sum's largest magnitude on the grid ``exponent``, as far as the estimate tells;
+// ``momentum_exp``: the new momentum's grid, whose narrowing the estimate cannot see.
+Range estimated_nesterov(const Plan& u, int64_t exponent, int64_t momentum_exp) {
+  const Range unknown{0, INT64_MAX};
+  const SumEstimate& s = u.estimate;
+  const Group& gr = *u.group;
+  if (!s.nesterov || std::abs(momentum_exp) > 900) return unknown;
+  float g_max;
+  std::memcpy(&g_max, &u.maxima.gradient_bits, 4);
+  const double terms = double(u.maxima.momentum) * std::fabs(s.nesterov_momentum) +
+                       double(g_max) * std::fabs(s.nesterov_grad) + double(u.maxima.master) * std::fabs(s.nesterov_master);
+  // Two units of the momentum's grid times mu: the narrowing moves an element by less than one.
+  const double narrowing = std::ldexp(double(std::abs(gr.momentum.mantissa)), int(gr.momentum.exponent + momentum_exp + 1));
+  const double error = terms * SumEstimate::kRelativeError + narrowing;
+  const double lo = std::ldexp(std::max(u.maxima.nesterov_sum - error, 0.0), int(-exponent));
+  const double hi = std::ldexp(u.maxima.nesterov_sum + error, int(-exponent));
   if (!(hi < 0x1p62) || std::abs(exponent) > 900) return unknown;
   return {int64_t(std::floor(lo)), int64_t(std::ceil(hi))};
 }
@@ -519,12 +562,35 @@ void run_update(Plan& u, bool split) {
     const int64_t shift = narrowing_shift_of(sum, gr.bits);
     u.momentum_narrow = RoundingShift(shift, u.momentum_key);
     const int64_t momentum_exp = sum_exp + shift;
+    const Range bound = narrowed_bound<kStochastic>(u.momentum_narrow, sum).clamped(gr.limit);
     if constexpr (kKind != kNesterov) {
-      const Range bound = narrowed_bound<kStochastic>(u.momentum_narrow, sum).clamped(gr.limit);
       if (plan_master(bound, momentum_exp).first) {
         run_pass(U{u}, split, kPassStoreBoth);
         *u.momentum_exp = momentum_exp;
         return;
+      }
+    } else if (bound.times(gr.momentum.mantissa).decided()) {
+      // Nesterov's sum and step from the momentum's bounds and the estimate, as below from the
+      // stored momentum's largest magnitude; nothing is kept unless every grid is decided.
+      const int64_t m_exp = momentum_exp + gr.momentum.exponent;
+      const Range decayed = bound.times(gr.momentum.mantissa);
+      const int64_t grid = sum_grid(u.d_exp, m_exp, top_of(d, u.d_exp), top_of(decayed, m_exp));
+      const NearestShift d_align(grid - u.d_exp), m_align(grid - m_exp);
+      Range nesterov = d.map(d_align).plus(decayed.map(m_align));
+      const Range estimate = estimated_nesterov(u, grid, momentum_exp);
+      nesterov = {std::max(nesterov.lo, estimate.lo), std::min(nesterov.hi, estimate.hi)};
+      if (nesterov.decided() && nesterov.lo <= nesterov.hi) {
+        const int64_t shift = narrowing_shift_of(nesterov, gr.bits);
+        const NearestShift step_narrow(shift);
+        if (plan_master(nesterov.map(narrowed(step_narrow)), grid + shift).first) {
+          u.decayed = int32_t(gr.momentum.mantissa);
+          u.nesterov_d_align = d_align;
+          u.nesterov_m_align = m_align;
+          u.step_narrow = step_narrow;
+          run_pass(U{u}, split, kPassStoreBoth);
+          *u.momentum_exp = momentum_exp;
+          return;
+        }
       }
     }
     const Range momentum = measured(kPassStoreMomentum);
@@ -650,7 +716,9 @@ int64_t int_sgd_step(const std::vector<torch::Tensor>& grads, const std::vector<
 #pragma omp parallel for schedule(dynamic)
   for (size_t c = 0; c < chunks.size(); c++) {
     const Plan& u = updates[chunks[c].first];
-    found[c] = pass_maxima(u, chunks[c].second, std::min(u.numel, chunks[c].second + kChunk));
+    const int64_t end = std::min(u.numel, chunks[c].second + kChunk);
+    found[c] = u.estimate.nesterov ? pass_maxima<true>(u, chunks[c].second, end)
+                                   : pass_maxima<false>(u, chunks[c].second, end);
   }
   for (size_t c = 0; c < chunks.size(); c++) {
     Maxima& m = updates[chunks[c].first].maxima;
@@ -658,6 +726,7 @@ int64_t int_sgd_step(const std::vector<torch::Tensor>& grads, const std::vector<
     m.master = std::max(m.master, found[c].master);
     m.momentum = std::max(m.momentum, found[c].momentum);
     m.momentum_sum = std::max(m.momentum_sum, found[c].momentum_sum);
+    m.nesterov_sum = std::max(m.nesterov_sum, found[c].nesterov_sum);
   }
   for (size_t t = 0; t < n; t++)
     if (updates[t].maxima.gradient_bits >= 0x7F800000u) return int64_t(t);
