@@ -108,13 +108,22 @@ class _Kernel:
     """One option set of a fused function: its eager time so far, its compiled form, and the
     direct calls of the graphs compiled so far."""
 
-    __slots__ = ("compiled", "eager_seconds", "direct", "free", "cached")
+    __slots__ = ("compiled", "eager_seconds", "direct", "free", "signatures")
 
     def __init__(self):
         self.compiled = None
         self.eager_seconds = 0.0
         self.direct, self.free = [], {}
-        self.cached: dict[tuple, bool] = {}  # input layout -> compiled by an earlier process
+        # input layout -> (kernel_record signature, compiled by an earlier process)
+        self.signatures: dict[tuple, tuple[str, bool]] = {}
+
+    def signature(self, fn, options: tuple, data: list) -> tuple[str, bool]:
+        data_layout = kernel_record.layout(data)
+        found = self.signatures.get(data_layout)
+        if found is None:
+            sig = kernel_record.signature(fn, options, data_layout)
+            found = self.signatures[data_layout] = (sig, kernel_record.known(sig))
+        return found
 
     def learn_graphs(self):
         """(guards, function) for each graph dynamo holds: ``function`` runs the graph's code
@@ -171,20 +180,13 @@ def fused(fn):
         kernel.__code__ = kernel.__code__.replace(co_name=f"{fn.__name__}_{len(kernels)}")
         return torch.compile(kernel, fullgraph=True, dynamic=True)
 
-    def in_cache(entry: _Kernel, options: tuple, data: list) -> bool:
-        data_layout = kernel_record.layout(data)
-        cached = entry.cached.get(data_layout)
-        if cached is None:
-            cached = entry.cached[data_layout] = kernel_record.known(kernel_record.signature(fn, options, data_layout))
-        return cached
-
     def run_compiled(entry: _Kernel, options: tuple, data: list):
         if entry.direct:
             result = entry.run_direct(data)
             if result is not None:
                 return result
         first = entry.compiled is None
-        data_layout = kernel_record.layout(data)
+        sig, in_cache = entry.signature(fn, options, data)
         if first:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             entry.compiled = specialised(options)
@@ -197,8 +199,8 @@ def fused(fn):
             result = entry.compiled(*data)
         finally:
             config.specialize_int, config.specialize_float = saved
-        _measured(time.perf_counter() - start, first and not entry.cached.get(data_layout))
-        kernel_record.remember(kernel_record.signature(fn, options, data_layout))
+        _measured(time.perf_counter() - start, first and not in_cache)
+        kernel_record.remember(sig)
         entry.learn_graphs()  # dynamo may have compiled a graph for this call
         return result
 
@@ -215,7 +217,7 @@ def fused(fn):
         if entry is None:
             entry = kernels[options] = _Kernel()
         data = [a for a in args if _is_data(a)]
-        if entry.compiled is not None or entry.due(largest.device, lambda: in_cache(entry, options, data)):
+        if entry.compiled is not None or entry.due(largest.device, lambda: entry.signature(fn, options, data)[1]):
             return run_compiled(entry, options, data)
         start = time.perf_counter()
         result = fn(*args)

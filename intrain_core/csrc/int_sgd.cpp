@@ -433,40 +433,43 @@ inline int64_t narrowing_shift_of(const Range& r, int bits) {
   return top > 0 ? top - (bits - 1) : 0;
 }
 
-// The sum's largest magnitude on the grid ``exponent``, as far as the estimate tells.
-Range estimated_sum(const Plan& u, int64_t exponent) {
+// A largest magnitude estimated in float64 within ``error``, as a range on the grid
+// ``exponent``; unknown where the grid's integers would pass 2**62.
+Range estimated_range(double largest, double error, int64_t exponent) {
   const Range unknown{0, INT64_MAX};
-  const SumEstimate& s = u.estimate;
-  if (!s.usable) return unknown;
-  float g_max;
-  std::memcpy(&g_max, &u.maxima.gradient_bits, 4);
-  const double terms = double(u.maxima.momentum) * std::fabs(s.momentum) + double(g_max) * std::fabs(s.grad) +
-                       double(u.maxima.master) * std::fabs(s.master);
-  const double error = terms * SumEstimate::kRelativeError;
-  const double lo = std::ldexp(std::max(u.maxima.momentum_sum - error, 0.0), int(-exponent));
-  const double hi = std::ldexp(u.maxima.momentum_sum + error, int(-exponent));
+  const double lo = std::ldexp(std::max(largest - error, 0.0), int(-exponent));
+  const double hi = std::ldexp(largest + error, int(-exponent));
   if (!(hi < 0x1p62) || std::abs(exponent) > 900) return unknown;
   return {int64_t(std::floor(lo)), int64_t(std::ceil(hi))};
+}
+
+// The largest magnitudes of b, g and w times their weights in an estimate, added up.
+double estimate_terms(const Plan& u, double momentum, double grad, double master) {
+  float g_max;
+  std::memcpy(&g_max, &u.maxima.gradient_bits, 4);
+  return double(u.maxima.momentum) * std::fabs(momentum) + double(g_max) * std::fabs(grad) +
+         double(u.maxima.master) * std::fabs(master);
+}
+
+// The sum's largest magnitude on the grid ``exponent``, as far as the estimate tells.
+Range estimated_sum(const Plan& u, int64_t exponent) {
+  const SumEstimate& s = u.estimate;
+  if (!s.usable) return {0, INT64_MAX};
+  const double error = estimate_terms(u, s.momentum, s.grad, s.master) * SumEstimate::kRelativeError;
+  return estimated_range(u.maxima.momentum_sum, error, exponent);
 }
 
 // Nesterov's sum's largest magnitude on the grid ``exponent``, as far as the estimate tells;
 // ``momentum_exp``: the new momentum's grid, whose narrowing the estimate cannot see.
 Range estimated_nesterov(const Plan& u, int64_t exponent, int64_t momentum_exp) {
-  const Range unknown{0, INT64_MAX};
   const SumEstimate& s = u.estimate;
   const Group& gr = *u.group;
-  if (!s.nesterov || std::abs(momentum_exp) > 900) return unknown;
-  float g_max;
-  std::memcpy(&g_max, &u.maxima.gradient_bits, 4);
-  const double terms = double(u.maxima.momentum) * std::fabs(s.nesterov_momentum) +
-                       double(g_max) * std::fabs(s.nesterov_grad) + double(u.maxima.master) * std::fabs(s.nesterov_master);
+  if (!s.nesterov || std::abs(momentum_exp) > 900) return {0, INT64_MAX};
   // Two units of the momentum's grid times mu: the narrowing moves an element by less than one.
   const double narrowing = std::ldexp(double(std::abs(gr.momentum.mantissa)), int(gr.momentum.exponent + momentum_exp + 1));
-  const double error = terms * SumEstimate::kRelativeError + narrowing;
-  const double lo = std::ldexp(std::max(u.maxima.nesterov_sum - error, 0.0), int(-exponent));
-  const double hi = std::ldexp(u.maxima.nesterov_sum + error, int(-exponent));
-  if (!(hi < 0x1p62) || std::abs(exponent) > 900) return unknown;
-  return {int64_t(std::floor(lo)), int64_t(std::ceil(hi))};
+  const double error = estimate_terms(u, s.nesterov_momentum, s.nesterov_grad, s.nesterov_master) *
+                           SumEstimate::kRelativeError + narrowing;
+  return estimated_range(u.maxima.nesterov_sum, error, exponent);
 }
 
 // Every pass after the maxima, in the order of sgd_update._direction and _apply; the scalar
@@ -569,11 +572,10 @@ void run_update(Plan& u, bool split) {
         *u.momentum_exp = momentum_exp;
         return;
       }
-    } else if (bound.times(gr.momentum.mantissa).decided()) {
+    } else if (const Range decayed = bound.times(gr.momentum.mantissa); decayed.decided()) {
       // Nesterov's sum and step from the momentum's bounds and the estimate, as below from the
       // stored momentum's largest magnitude; nothing is kept unless every grid is decided.
       const int64_t m_exp = momentum_exp + gr.momentum.exponent;
-      const Range decayed = bound.times(gr.momentum.mantissa);
       const int64_t grid = sum_grid(u.d_exp, m_exp, top_of(d, u.d_exp), top_of(decayed, m_exp));
       const NearestShift d_align(grid - u.d_exp), m_align(grid - m_exp);
       Range nesterov = d.map(d_align).plus(decayed.map(m_align));
