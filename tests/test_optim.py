@@ -373,13 +373,12 @@ def test_nesterov_steps_take_the_fused_pass_with_the_definitions_bits():
     gen = torch.Generator().manual_seed(1)  # the definition's starting values
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
     opt = IntSGD(params, numerics=numerics, **options)
-    counts = {}
     for step, grads in enumerate(schedule):
         for p, g in zip(params, grads):
             p.grad = g.clone()
         extension.pass_counts()
         opt.step()
-        counts = extension.pass_counts() if step > 0 else counts
+        counts = extension.pass_counts()
         if step > 0:  # (d's own pass may run: the weight decay term is of the gradient's size here)
             total = sum(p.numel() for p in params)
             assert counts["store_both"] == total, (step, counts)
