@@ -192,6 +192,27 @@ def test_add_aligns_exponents_and_has_identity_backward():
     assert a.grad.tolist() == [1.0, 2.0, 3.0] and b.grad.tolist() == [1.0, 2.0, 3.0]
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_a_power_of_two_scale_joins_the_exponent_bit_for_bit(backend):
+    """Attention's 1/sqrt(64) folded into the product's exponent gives the bits of the float
+    multiply after it, forward and backward: scaling by a power of two moves only exponents."""
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 3, 9, 64, generator=gen), torch.randn(2, 3, 11, 64, generator=gen)
+    upstream = torch.randn(2, 3, 9, 11, generator=gen)
+    results = []
+    for folded in (True, False):
+        ctx = make_ctx(backend=backend, seed=4)
+        a, b = q.clone().requires_grad_(), k.clone().requires_grad_()
+        if folded:
+            y = matmul.matmul(ctx, a, b.transpose(-2, -1), scale_exponent=-3)
+        else:
+            y = matmul.matmul(ctx, a, b.transpose(-2, -1)) * 0.125
+        y.backward(upstream)
+        results.append((y.detach(), a.grad, b.grad))
+    for folded, multiplied in zip(*results):
+        assert same_bits(folded, multiplied)
+
+
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_average_pooling_within_one_step(rounding):
     # The window mean of values each within one step is within one step; the reciprocal's

@@ -17,8 +17,12 @@ def scaled_dot_product_attention_handler(context, query, key, value, attn_mask=N
     if enable_gqa or not context.numerics.runs_integer("matmul") or not is_float32(query, key, value):
         return FALLBACK
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    scores = matmul(context, query, key.transpose(-2, -1), op="attention_scores") * scale
-    context.record("mul", "forward", False, 0)
+    fraction, exponent = math.frexp(scale)
+    if fraction == 0.5:  # a power of two (head dimension 4**k): the product's exponent takes it
+        scores = matmul(context, query, key.transpose(-2, -1), op="attention_scores", scale_exponent=exponent - 1)
+    else:
+        scores = matmul(context, query, key.transpose(-2, -1), op="attention_scores") * scale
+        context.record("mul", "forward", False, 0)
     if is_causal:
         length, source = scores.shape[-2:]
         causal = torch.ones(length, source, dtype=torch.bool, device=scores.device).tril()

@@ -21,14 +21,16 @@ def _sum_to_shape(acc: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 class IntegerMatmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, context, layer, op):
+    def forward(ctx, a, b, context, layer, op, scale_exponent):
         n = context.numerics
         aq = context.map(a, n.forward_bits, context.where(op, "left operand", layer))
         bq = context.map(b, n.forward_bits, context.where(op, "right operand", layer))
         k = a.shape[-1]
         acc_dtype, bound = context.accumulator(k, n.forward_bits, n.forward_bits)
-        y = context.backend.matmul_to_float(aq.mantissa, aq.exponent, bq.mantissa, bq.exponent, bound, acc_dtype)
-        ctx.context, ctx.layer, ctx.op = context, layer, op
+        # The scale joins the right operand's exponent: y = a @ (b 2**scale_exponent), exactly.
+        y = context.backend.matmul_to_float(aq.mantissa, aq.exponent, bq.mantissa, bq.exponent + scale_exponent, bound,
+                                            acc_dtype)
+        ctx.context, ctx.layer, ctx.op, ctx.scale_exponent = context, layer, op, scale_exponent
         ctx.shapes = (a.shape, b.shape)
         if n.backward == "float":
             ctx.save_for_backward(a, b)
@@ -48,17 +50,18 @@ class IntegerMatmul(torch.autograd.Function):
         if n.backward == "float":
             a, b = ctx.saved_tensors
             context.record(op, "backward", False, 2 * ctx.macs, layer)
-            grad_a = (grad_y @ b.transpose(-1, -2)).sum_to_size(a_shape)
-            grad_b = (a.transpose(-1, -2) @ grad_y).sum_to_size(b_shape)
-            return grad_a, grad_b, None, None, None
+            scale = 2.0**ctx.scale_exponent
+            grad_a = (grad_y @ b.transpose(-1, -2) * scale).sum_to_size(a_shape)
+            grad_b = (a.transpose(-1, -2) @ grad_y * scale).sum_to_size(b_shape)
+            return grad_a, grad_b, None, None, None, None
         a, b = ctx.saved_tensors
         sa, sb = ctx.exponents
         gq = context.map(grad_y, n.backward_bits, context.where(op, "grad_output", layer))
-        g = gq.mantissa
-        grad_a = _product_gradient(context, g, gq.exponent, b.transpose(-1, -2), sb, g.shape[-1], a_shape)
-        grad_b = _product_gradient(context, a.transpose(-1, -2), sa, g, gq.exponent, g.shape[-2], b_shape)
+        g, eg = gq.mantissa, gq.exponent + ctx.scale_exponent
+        grad_a = _product_gradient(context, g, eg, b.transpose(-1, -2), sb, g.shape[-1], a_shape)
+        grad_b = _product_gradient(context, a.transpose(-1, -2), sa, g, eg, g.shape[-2], b_shape)
         context.record(op, "backward", True, 2 * ctx.macs, layer)
-        return grad_a, grad_b, None, None, None
+        return grad_a, grad_b, None, None, None, None
 
 
 def _product_gradient(context, left, left_exponent, right, right_exponent, reduction: int, shape: torch.Size):
@@ -72,9 +75,9 @@ def _product_gradient(context, left, left_exponent, right, right_exponent, reduc
     return context.backend.matmul_to_float(left, left_exponent, right, right_exponent, bound, acc_dtype)
 
 
-def matmul(context, a, b, layer=None, op="matmul"):
-    """Integer ``a @ b`` for operands of at least two dimensions."""
-    return IntegerMatmul.apply(a, b, context, layer or context.layer, op)
+def matmul(context, a, b, layer=None, op="matmul", scale_exponent: int = 0):
+    """Integer ``(a @ b) * 2**scale_exponent`` for operands of at least two dimensions."""
+    return IntegerMatmul.apply(a, b, context, layer or context.layer, op, scale_exponent)
 
 
 def _handler(op_name: str):
