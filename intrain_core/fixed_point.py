@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import native_mapping
 from .compiled import fused
 from .rounding import as_key, check_rounding, round_float, shift_right, transposed_index
 
@@ -185,7 +186,10 @@ def map_deferred(x: torch.Tensor, bits: int, rounding: str, key: int) -> tuple[F
         xt = x.detach().transpose(-1, -2).contiguous()
         m, exponent, clamped, finite = map_transposed_kernel(xt, bits, rounding, as_key(key))
         return FixedPoint(m.transpose(-1, -2), exponent, bits, clamped), finite
-    m, exponent, clamped, finite = map_kernel(x.detach(), bits, rounding, as_key(key))
+    if native_mapping.serves(x, bits):
+        m, exponent, clamped, finite = native_mapping.map_int8(x.detach(), bits, rounding, as_key(key))
+    else:
+        m, exponent, clamped, finite = map_kernel(x.detach(), bits, rounding, as_key(key))
     return FixedPoint(m, exponent, bits, clamped), finite
 
 

@@ -9,14 +9,13 @@ bits, slower.
 """
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
-import platform
 import warnings
 from pathlib import Path
 
 import torch
+
+from . import extension
 
 SOURCE = Path(__file__).parent / "csrc" / "int_sgd.cpp"
 
@@ -24,52 +23,10 @@ _module = None
 _failed = False
 
 
-def _cpu_model() -> str:
-    """The CPU's name and instruction-set flags: virtual machines of one name differ in their
-    flags (AVX2 only, or AVX-512), and code built for one must not run on the other."""
-    found = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key = line.split(":")[0].strip()
-                if key in ("model name", "flags") and key not in found:
-                    found[key] = line.strip()
-                if len(found) == 2:
-                    break
-    except OSError:
-        pass
-    return "|".join(found.values()) or platform.processor()
-
-
-def _flags(arch: str = "native") -> list[str]:
-    flags = ["-O3", f"-march={arch}", "-fopenmp"]
-    if arch == "native" and "AVX512" in torch.backends.cpu.get_cpu_capability():
-        flags.append("-mprefer-vector-width=512")  # g++ uses 256-bit vectors by default
-    return flags
-
-
-def _build_directory(arch: str = "native") -> Path:
-    root = os.environ.get("INTRAIN_EXTENSION_CACHE") or Path.home() / ".cache" / "intrain" / "extensions"
-    # Code built with -march=native runs only on the CPU it was built for.
-    machine = hashlib.sha256(f"{_cpu_model()}|{torch.__version__}|{_flags(arch)}".encode()).hexdigest()[:16]
-    return Path(root) / f"int_sgd-{machine}"
-
-
 def build(arch: str = "native"):
     """The extension built for ``arch`` (g++'s ``-march``; tests build ``haswell``, AVX2 code,
     to check that code path on any x86 CPU). Raises where it cannot be built."""
-    # Its import warns that there is no CUDA, which this CPU-only build does not need.
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    from torch.utils.cpp_extension import load
-
-    directory = _build_directory(arch)
-    if not any(directory.glob("*.so")):
-        logging.getLogger("intrain").info("building IntSGD's C++ step for this CPU into %s (once, about 30 s)",
-                                          directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    name = "intrain_int_sgd" if arch == "native" else f"intrain_int_sgd_{arch.replace('-', '_')}"
-    return load(name, [str(SOURCE)], extra_cflags=_flags(arch), extra_ldflags=["-fopenmp"],
-                build_directory=str(directory), verbose=False)
+    return extension.build("int_sgd", SOURCE, "IntSGD's C++ step", arch)
 
 
 def enabled() -> bool:

@@ -161,3 +161,51 @@ def test_requantize_narrows_to_bits():
     assert narrow.exponent == direct.exponent
     # Two roundings (32 then 8 bits) may differ from one only at exact ties.
     assert (narrow.mantissa.long() - direct.mantissa.long()).abs().max() <= 1
+
+
+def _cpp_mapping_cases():
+    gen = torch.Generator().manual_seed(5)
+    cases = list(spanning_tensors())
+    for size in (1, 15, 17, 4096 + 33, 70001):  # partial vectors, several scheduled blocks
+        cases.append(torch.randn(size, generator=gen) * 3.0)
+    cases += [torch.zeros(40), torch.full((100,), 127.9), torch.full((100,), -0.75),  # zeros; clamps
+              torch.full((33,), 1e-41), torch.tensor([3e38, -1e-45, 0.0] * 7)]  # subnormals, the extremes
+    return cases
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+@pytest.mark.parametrize("bits", [2, 5, 8])
+def test_the_cpp_mapping_gives_the_definitions_bits(rounding, bits):
+    """The AVX-512 mapping against the definition run eagerly: mantissas, exponent, clamps and
+    the finite flag, at every scale float32 has, on vector tails and across threads' blocks."""
+    from intrain_core import native_mapping
+    from intrain_core.fixed_point import map_kernel
+
+    if native_mapping.module() is None:
+        pytest.skip("no AVX-512 on this CPU, or no C++ compiler")
+    key = torch.tensor(stream_key(9, 2), dtype=torch.int64)
+    for x in _cpp_mapping_cases():
+        x = x.float().contiguous()
+        expected = map_kernel.eager(x, bits, rounding, key)
+        result = native_mapping.map_int8(x, bits, rounding, key)
+        for got, want in zip(result, expected):
+            assert got.dtype == want.dtype and torch.equal(got, want), (x[:4], got, want)
+    for bad in (float("nan"), float("inf")):
+        x = torch.ones(50)
+        x[37] = bad
+        assert not bool(native_mapping.map_int8(x, 8, rounding, key)[3])
+
+
+def test_dense_float_tensors_take_the_cpp_mapping(monkeypatch):
+    from intrain_core import native_mapping
+
+    if native_mapping.module() is None:
+        pytest.skip("no AVX-512 on this CPU, or no C++ compiler")
+    calls = []
+    real = native_mapping.map_int8
+    monkeypatch.setattr(native_mapping, "map_int8", lambda *args: calls.append(args[0].shape) or real(*args))
+    x = torch.randn(6, 7)
+    to_fixed(x)
+    to_fixed(x.t())  # a transposed view: the torch kernel, which reads it in place
+    to_fixed(x, bits=12)  # int16 mantissas: the torch kernel
+    assert calls == [(6, 7)]

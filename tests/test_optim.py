@@ -440,9 +440,11 @@ def test_the_cpp_build_is_kept_apart_per_instruction_set(monkeypatch):
     """Code built with -march=native on an AVX-512 machine must not be loaded on an AVX2-only one
     of the same name (virtual machines of this kind differ so): the build directory follows
     the CPU's flags, not only its name."""
+    from intrain_core import extension
+
     if platform.system() == "Linux":
-        assert "flags" in native_sgd._cpu_model()
-    monkeypatch.setattr(native_sgd, "_cpu_model", lambda: "model name: Xeon|flags: sse avx2")
-    avx2 = native_sgd._build_directory()
-    monkeypatch.setattr(native_sgd, "_cpu_model", lambda: "model name: Xeon|flags: sse avx2 avx512f")
-    assert native_sgd._build_directory() != avx2
+        assert "flags" in extension.cpu_model()
+    monkeypatch.setattr(extension, "cpu_model", lambda: "model name: Xeon|flags: sse avx2")
+    avx2 = extension.build_directory("int_sgd")
+    monkeypatch.setattr(extension, "cpu_model", lambda: "model name: Xeon|flags: sse avx2 avx512f")
+    assert extension.build_directory("int_sgd") != avx2

@@ -1,0 +1,58 @@
+"""The C++ mapping of dense float32 CPU tensors to int8 mantissas (csrc/mapping.cpp).
+
+The same bits as ``fixed_point.map_kernel``, in AVX-512 code, about twice as fast as inductor's
+kernel for it. It is built on first use for this machine's CPU (``extension.py``, about 20 s on
+2 cores). Where the CPU lacks AVX-512, the extension cannot be built, or
+``INTRAIN_NATIVE_MAPPING=0``, mappings run the compiled torch kernel instead: the same bits.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import extension
+
+SOURCE = Path(__file__).parent / "csrc" / "mapping.cpp"
+
+_module = None
+_failed = False
+
+
+def enabled() -> bool:
+    return os.environ.get("INTRAIN_NATIVE_MAPPING", "1").strip() != "0"
+
+
+@functools.cache
+def has_avx512() -> bool:
+    """torch's AVX512 level needs AVX-512 F, BW, VL and DQ: all the code uses."""
+    return "AVX512" in torch.backends.cpu.get_cpu_capability()
+
+
+def module():
+    """The built extension, or None where it is switched off, unsupported or could not be built."""
+    global _module, _failed
+    if _module is not None or _failed or not enabled() or not has_avx512():
+        return _module
+    try:
+        _module = extension.build("mapping", SOURCE, "the C++ mapping")
+    except Exception as error:  # noqa: BLE001 - any build failure falls back to the torch kernel
+        _failed = True
+        warnings.warn(f"the C++ mapping could not be built ({type(error).__name__}: {str(error)[:200]}); "
+                      "using the compiled torch kernel", RuntimeWarning, stacklevel=2)
+    return _module
+
+
+def serves(x: torch.Tensor, bits: int) -> bool:
+    """The C++ mapping handles ``x``: a dense float32 CPU tensor of int8 mantissas, outside
+    torch.compile (whose graphs keep the torch kernel)."""
+    return (bits <= 8 and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+            and x.numel() < 2**31 and not torch.compiler.is_compiling() and module() is not None)
+
+
+def map_int8(x: torch.Tensor, bits: int, rounding: str, key: torch.Tensor):
+    """(mantissas, exponent, clamps, finite) as ``fixed_point.map_kernel`` returns them."""
+    return _module.map_int8(x, bits, rounding == "stochastic", int(key))
