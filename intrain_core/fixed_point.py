@@ -183,8 +183,11 @@ def map_deferred(x: torch.Tensor, bits: int, rounding: str, key: int) -> tuple[F
         zero = torch.zeros((), dtype=torch.int64, device=x.device)
         return FixedPoint(torch.zeros(x.shape, dtype=dtype, device=x.device), zero, bits, zero), zero == 0
     if _reads_down_columns(x):
-        xt = x.detach().transpose(-1, -2).contiguous()
-        m, exponent, clamped, finite = map_transposed_kernel(xt, bits, rounding, as_key(key))
+        xt = x.detach().transpose(-1, -2)
+        if native_mapping.serves(xt, bits):
+            m, exponent, clamped, finite = native_mapping.map_int8(xt, bits, rounding, as_key(key), transposed=True)
+        else:
+            m, exponent, clamped, finite = map_transposed_kernel(xt.contiguous(), bits, rounding, as_key(key))
         return FixedPoint(m.transpose(-1, -2), exponent, bits, clamped), finite
     if native_mapping.serves(x, bits):
         m, exponent, clamped, finite = native_mapping.map_int8(x.detach(), bits, rounding, as_key(key))

@@ -1,6 +1,6 @@
 """The C++ mapping of dense float32 CPU tensors to int8 mantissas (csrc/mapping.cpp).
 
-The same bits as ``fixed_point.map_kernel``, in AVX-512 code, about twice as fast as inductor's
+The same bits as ``fixed_point.map_kernel``, in AVX-512 code that reads strided views in place, about twice as fast as inductor's
 kernel for it. It is built on first use for this machine's CPU (``extension.py``, about 20 s on
 2 cores). Where the CPU lacks AVX-512, the extension cannot be built, or
 ``INTRAIN_NATIVE_MAPPING=0``, mappings run the compiled torch kernel instead: the same bits.
@@ -47,12 +47,14 @@ def module():
 
 
 def serves(x: torch.Tensor, bits: int) -> bool:
-    """The C++ mapping handles ``x``: a dense float32 CPU tensor of int8 mantissas, outside
-    torch.compile (whose graphs keep the torch kernel)."""
-    return (bits <= 8 and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
-            and x.numel() < 2**31 and not torch.compiler.is_compiling() and module() is not None)
+    """The C++ mapping handles ``x``: float32 on the CPU, its last dimension contiguous (any
+    strides before it), int8 mantissas; outside torch.compile, whose graphs keep the torch kernel."""
+    return (bits <= 8 and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() >= 1
+            and (x.stride(-1) == 1 or x.shape[-1] == 1) and x.numel() < 2**31
+            and not torch.compiler.is_compiling() and module() is not None)
 
 
-def map_int8(x: torch.Tensor, bits: int, rounding: str, key: torch.Tensor):
-    """(mantissas, exponent, clamps, finite) as ``fixed_point.map_kernel`` returns them."""
-    return _module.map_int8(x, bits, rounding == "stochastic", int(key))
+def map_int8(x: torch.Tensor, bits: int, rounding: str, key: torch.Tensor, transposed: bool = False):
+    """(mantissas, exponent, clamps, finite) as ``fixed_point.map_kernel`` returns them, the
+    mantissas dense in ``x``'s shape. ``transposed``: as ``map_transposed_kernel`` of ``x``."""
+    return _module.map_int8(x, bits, rounding == "stochastic", int(key), transposed)

@@ -173,39 +173,50 @@ def _cpp_mapping_cases():
     return cases
 
 
+def _views():
+    """Strided views the C++ mapping reads in place: attention's heads of a fused qkv output, a
+    transposed key, a broadcast row, a column slice."""
+    gen = torch.Generator().manual_seed(8)
+    qkv = torch.randn(3, 5, 3, 2, 16 + 3, generator=gen).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D)
+    return [qkv[0], qkv[1].transpose(-2, -1), torch.randn(1, 21, generator=gen).expand(4, 21),
+            torch.randn(9, 40, generator=gen)[:, 3:30], torch.randn(50, 1, generator=gen)[::2]]
+
+
 @pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
 @pytest.mark.parametrize("bits", [2, 5, 8])
 def test_the_cpp_mapping_gives_the_definitions_bits(rounding, bits):
-    """The AVX-512 mapping against the definition run eagerly: mantissas, exponent, clamps and
-    the finite flag, at every scale float32 has, on vector tails and across threads' blocks."""
+    """The AVX-512 mapping against the definition run eagerly on the logical tensor: mantissas,
+    exponent, clamps and the finite flag, at every scale float32 has, on vector tails, across
+    threads' blocks, and on strided views read in place."""
     from intrain_core import native_mapping
-    from intrain_core.fixed_point import map_kernel
+    from intrain_core.fixed_point import map_deferred, map_kernel
 
     if native_mapping.module() is None:
         pytest.skip("no AVX-512 on this CPU, or no C++ compiler")
-    key = torch.tensor(stream_key(9, 2), dtype=torch.int64)
-    for x in _cpp_mapping_cases():
-        x = x.float().contiguous()
-        expected = map_kernel.eager(x, bits, rounding, key)
-        result = native_mapping.map_int8(x, bits, rounding, key)
-        for got, want in zip(result, expected):
-            assert got.dtype == want.dtype and torch.equal(got, want), (x[:4], got, want)
+    key = stream_key(9, 2)
+    for x in _cpp_mapping_cases() + _views():
+        x = x.float()
+        m, exponent, clamped, finite = map_kernel.eager(x.contiguous(), bits, rounding, torch.tensor(key))
+        fp, flag = map_deferred(x, bits, rounding, key)
+        for got, want in ((fp.mantissa, m), (fp.exponent, exponent), (torch.as_tensor(fp.clamped), clamped),
+                          (flag, finite)):
+            assert got.dtype == want.dtype and torch.equal(got, want), (x.shape, x.stride(), got, want)
     for bad in (float("nan"), float("inf")):
         x = torch.ones(50)
         x[37] = bad
-        assert not bool(native_mapping.map_int8(x, 8, rounding, key)[3])
+        assert not bool(native_mapping.map_int8(x, 8, rounding, torch.tensor(key))[3])
 
 
-def test_dense_float_tensors_take_the_cpp_mapping(monkeypatch):
+def test_float_tensors_take_the_cpp_mapping(monkeypatch):
     from intrain_core import native_mapping
 
     if native_mapping.module() is None:
         pytest.skip("no AVX-512 on this CPU, or no C++ compiler")
     calls = []
     real = native_mapping.map_int8
-    monkeypatch.setattr(native_mapping, "map_int8", lambda *args: calls.append(args[0].shape) or real(*args))
+    monkeypatch.setattr(native_mapping, "map_int8", lambda x, *args, **kw: calls.append(x.shape) or real(x, *args, **kw))
     x = torch.randn(6, 7)
-    to_fixed(x)
-    to_fixed(x.t())  # a transposed view: the torch kernel, which reads it in place
-    to_fixed(x, bits=12)  # int16 mantissas: the torch kernel
-    assert calls == [(6, 7)]
+    for view in (x, x.t(), x[:, ::2]):  # dense; transposed (read as its rows); every other column
+        to_fixed(view)
+    to_fixed(x, bits=12)  # int16 mantissas
+    assert calls == [(6, 7), (6, 7)]  # the last two take the torch kernel
