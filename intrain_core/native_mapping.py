@@ -1,9 +1,11 @@
-"""The C++ mapping of dense float32 CPU tensors to int8 mantissas (csrc/mapping.cpp).
+"""The C++ mappings of float32 CPU tensors (csrc/mapping.cpp): to int8 mantissas, and the
+residual add's pair of mappings.
 
-The same bits as ``fixed_point.map_kernel``, in AVX-512 code that reads strided views in place, about twice as fast as inductor's
-kernel for it. It is built on first use for this machine's CPU (``extension.py``, about 20 s on
-2 cores). Where the CPU lacks AVX-512, the extension cannot be built, or
-``INTRAIN_NATIVE_MAPPING=0``, mappings run the compiled torch kernel instead: the same bits.
+The same bits as ``fixed_point.map_kernel`` and ``ops.add._add``, in AVX-512 code that reads
+strided views in place, about twice as fast as inductor's kernels for them. It is built on first
+use for this machine's CPU (``extension.py``, about 20 s on 2 cores). Where the CPU lacks
+AVX-512, the extension cannot be built, or ``INTRAIN_NATIVE_MAPPING=0``, the compiled torch
+kernels run instead: the same bits.
 """
 from __future__ import annotations
 
@@ -58,3 +60,15 @@ def map_int8(x: torch.Tensor, bits: int, rounding: str, key: torch.Tensor, trans
     """(mantissas, exponent, clamps, finite) as ``fixed_point.map_kernel`` returns them, the
     mantissas dense in ``x``'s shape. ``transposed``: as ``map_transposed_kernel`` of ``x``."""
     return _module.map_int8(x, bits, rounding == "stochastic", int(key), transposed)
+
+
+def serves_add(a: torch.Tensor, b: torch.Tensor, bits: int) -> bool:
+    """The C++ residual add handles ``a + b``: dense float32 CPU tensors of one shape."""
+    return (bits <= 16 and a.shape == b.shape and a.dim() >= 1 and all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in (a, b))
+            and a.numel() < 2**31 and not torch.compiler.is_compiling() and module() is not None)
+
+
+def add_int8(a: torch.Tensor, b: torch.Tensor, bits: int, rounding: str, keys):
+    """(sum, a finite, b finite, clamps) as ``ops.add._add`` returns them."""
+    return _module.add_int8(a, b, bits, rounding == "stochastic", [int(k) for k in keys])

@@ -240,6 +240,29 @@ def test_pooling_backends_bit_identical():
     assert torch.equal(*outs)
 
 
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+@pytest.mark.parametrize("bits", [8, 12])
+def test_the_cpp_residual_add_gives_the_definitions_bits(rounding, bits):
+    """The AVX-512 add against ``_add`` run eagerly: either operand the finer, equal exponents,
+    clamps, zeros, vector tails and several threads' blocks."""
+    from intrain_core import native_mapping
+    from intrain_core.rounding import stream_key
+
+    if native_mapping.module() is None:
+        pytest.skip("no AVX-512 on this CPU, or no C++ compiler")
+    gen = torch.Generator().manual_seed(12)
+    keys = tuple(torch.tensor(stream_key(3, c)) for c in range(4))
+    pairs = [(torch.randn(4096 * 3 + 7, generator=gen), torch.randn(4096 * 3 + 7, generator=gen) * 50),
+             (torch.randn(2, 65, 19, generator=gen) * 1e-3, torch.randn(2, 65, 19, generator=gen)),
+             (torch.randn(33, generator=gen), torch.randn(33, generator=gen)),
+             (torch.full((40,), 127.9), torch.full((40,), -0.3)), (torch.zeros(17), torch.randn(17, generator=gen))]
+    for a, b in pairs:
+        expected = add._add.eager(a, b, bits, rounding, keys)
+        result = native_mapping.add_int8(a, b, bits, rounding, keys)
+        for got, want in zip(result, expected):
+            assert got.dtype == want.dtype and torch.equal(got, want), (a.shape, got, want)
+
+
 def test_broadcast_add_gradient_is_an_integer_sum_within_bound():
     # The broadcast operand's gradient sums `rows` mapped gradients, each within one step.
     ctx = make_ctx()

@@ -87,6 +87,49 @@ float pow2(int64_t e) {  // fixed_point.pow2: exact for e in [-126, 127]
   return f;
 }
 
+// Section 1's shared exponent from the largest magnitude's bits; 0 for an all-zero or
+// non-finite tensor (fixed_point.shared_exponent).
+int64_t shared_exponent(uint32_t top_bits, int64_t bits) {
+  if (top_bits >= 0x7F800000u || top_bits == 0) return 0;
+  float amax;
+  std::memcpy(&amax, &top_bits, sizeof amax);
+  int k;
+  std::frexp(amax, &k);  // amax = f 2**k, f in [0.5, 1)
+  return (k - 1) - (bits - 2);
+}
+
+// fixed_point.scale_by_pow2's two factors for 2**exponent, multiplied in this order.
+struct Scale {
+  __m512 first, second;
+  explicit Scale(int64_t exponent) {
+    const int64_t a = std::clamp<int64_t>(exponent, -126, 127);
+    first = _mm512_set1_ps(pow2(a));
+    second = _mm512_set1_ps(pow2(std::clamp<int64_t>(exponent - a, -126, 127)));
+  }
+  __m512 operator()(__m512 v) const { return _mm512_mul_ps(_mm512_mul_ps(v, first), second); }
+};
+
+// The draws of key ``key`` (rounding.random_bits): mix32(mix32(index ^ low) ^ high) >> 8.
+struct Draws {
+  __m512i low, high;
+  explicit Draws(int64_t key)
+      : low(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(key)))),
+        high(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(static_cast<uint64_t>(key) >> 32)))) {}
+  __m512i operator()(__m512i index) const {
+    return _mm512_srli_epi32(mix32(_mm512_xor_si512(mix32(_mm512_xor_si512(index, low)), high)), 8);
+  }
+};
+
+// rounding.round_float on 16 lanes, integer values kept in float32.
+inline __m512 round_float(__m512 v, bool stochastic, const Draws& draws, __m512i index) {
+  if (!stochastic) return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 floor = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512i threshold = _mm512_cvtps_epi32(_mm512_roundscale_ps(
+      _mm512_mul_ps(_mm512_sub_ps(v, floor), _mm512_set1_ps(16777216.0f)), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
+  const __mmask16 up = _mm512_cmplt_epi32_mask(draws(index), threshold);
+  return _mm512_mask_add_ps(floor, up, floor, _mm512_set1_ps(1.0f));
+}
+
 }  // namespace
 
 // (mantissas, exponent, clamps, finite) of float32 ``x`` at ``bits`` <= 8, as map_kernel. The
@@ -111,25 +154,13 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> map_int8(
 
   const uint32_t top_bits = largest_magnitude_bits(xp, rows);
   const bool finite = top_bits < 0x7F800000u;
-  int64_t exponent = 0;
-  if (finite && top_bits > 0) {
-    float amax;
-    std::memcpy(&amax, &top_bits, sizeof amax);
-    int k;
-    std::frexp(amax, &k);  // amax = f 2**k, f in [0.5, 1)
-    exponent = (k - 1) - (bits - 2);
-  }
-  // scale_by_pow2(x, -exponent): two factors, multiplied in this order
-  const int64_t first = std::clamp<int64_t>(-exponent, -126, 127);
-  const int64_t second = std::clamp<int64_t>(-exponent - first, -126, 127);
-  const __m512 f1 = _mm512_set1_ps(pow2(first)), f2 = _mm512_set1_ps(pow2(second));
-  const __m512 two24 = _mm512_set1_ps(16777216.0f);
-  const __m512i low = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(key)));
-  const __m512i high = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(static_cast<uint64_t>(key) >> 32)));
+  const int64_t exponent = shared_exponent(top_bits, bits);
+  const Scale scale(-exponent);
+  const Draws draws(key);
   const __m512i lanes = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                            _mm512_set1_epi32(static_cast<int>(step)));
   const int limit = (1 << (bits - 1)) - 1;
-  const __m512i qmax = _mm512_set1_epi32(limit), qmin = _mm512_set1_epi32(-limit), one = _mm512_set1_epi32(1);
+  const __m512i qmax = _mm512_set1_epi32(limit), qmin = _mm512_set1_epi32(-limit);
 
   int64_t clamps = 0;
   const int64_t per_block = std::max<int64_t>(1, kBlock / std::max<int64_t>(length, 1));
@@ -143,20 +174,9 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> map_int8(
     const int64_t start = transposed ? (row / height) * height * length + row % height : row * length;
     for (int64_t j = 0; j < length; j += 16) {
       const __mmask16 k = tail_mask(length - j);
-      const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, in + j), f1), f2);
-      __m512i q;
-      if (stochastic) {
-        // floor(v) + [r < ceil(frac(v) 2**24)], r the element's 24 random bits
-        const __m512 floor = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-        const __m512i threshold = _mm512_cvtps_epi32(_mm512_roundscale_ps(
-            _mm512_mul_ps(_mm512_sub_ps(v, floor), two24), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
-        const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(start + j * step)), lanes);
-        const __m512i r = _mm512_srli_epi32(mix32(_mm512_xor_si512(mix32(_mm512_xor_si512(index, low)), high)), 8);
-        q = _mm512_cvtps_epi32(floor);
-        q = _mm512_mask_add_epi32(q, _mm512_cmplt_epi32_mask(r, threshold), q, one);
-      } else {
-        q = _mm512_cvtps_epi32(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-      }
+      const __m512 v = scale(_mm512_maskz_loadu_ps(k, in + j));
+      const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(start + j * step)), lanes);
+      const __m512i q = _mm512_cvtps_epi32(round_float(v, stochastic, draws, index));
       const __mmask16 over = _mm512_cmpgt_epi32_mask(q, qmax) | _mm512_cmplt_epi32_mask(q, qmin);
       local += __builtin_popcount(static_cast<unsigned>(over & k));
       _mm512_mask_cvtepi32_storeu_epi8(mapped + j, k, _mm512_min_epi32(_mm512_max_epi32(q, qmin), qmax));
@@ -168,4 +188,60 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> map_int8(
   return {mantissas, scalar(exponent, torch::kLong), scalar(clamps, torch::kLong), scalar(finite, torch::kBool)};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("map_int8", &map_int8); }
+// ops/add.py's _add for two dense float32 CPU tensors of one shape: both mapped (keys[0],
+// keys[1]), the finer shifted onto the coarser exponent and rounded again (keys[2] for a,
+// keys[3] for b), summed and mapped back. Returns (sum, a finite, b finite, clamps).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> add_int8(const torch::Tensor& a,
+                                                                                const torch::Tensor& b, int64_t bits,
+                                                                                bool stochastic,
+                                                                                std::vector<int64_t> keys) {
+  TORCH_CHECK(a.device().is_cpu() && a.scalar_type() == torch::kFloat && a.is_contiguous() && b.device().is_cpu() &&
+                  b.scalar_type() == torch::kFloat && b.is_contiguous() && a.sizes() == b.sizes() && a.dim() >= 1,
+              "two dense float32 CPU tensors of one shape");
+  TORCH_CHECK(bits >= 2 && bits <= 16 && a.numel() < (int64_t{1} << 31) && keys.size() == 4,
+              "bits in [2, 16], fewer than 2**31 elements, four keys");
+  const float* ap = a.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  const int64_t n = a.numel();
+  auto sum = torch::empty(a.sizes(), a.options());
+  float* out = sum.data_ptr<float>();
+  const torch::Tensor flat = a.reshape({n});
+  const uint32_t top_a = largest_magnitude_bits(ap, Rows(flat)), top_b = largest_magnitude_bits(bp, Rows(flat));
+  const int64_t ea = shared_exponent(top_a, bits), eb = shared_exponent(top_b, bits);
+  const int64_t exponent = std::max(ea, eb);
+  const bool a_finer = ea < eb;
+  const Scale scale_a(-ea), scale_b(-eb), onto_coarser(std::min(ea, eb) - exponent), back(exponent);
+  const Draws draw_a(keys[0]), draw_b(keys[1]), draw_finer(a_finer ? keys[2] : keys[3]);
+  const __m512 limit = _mm512_set1_ps(static_cast<float>((1 << (bits - 1)) - 1));
+  const __m512 negative_limit = _mm512_set1_ps(-static_cast<float>((1 << (bits - 1)) - 1));
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+
+  int64_t clamps = 0;
+#pragma omp parallel for reduction(+ : clamps) schedule(static)
+  for (int64_t block = 0; block < n; block += kBlock) {
+    const int64_t end = std::min(n, block + kBlock);
+    int64_t local = 0;
+    for (int64_t i = block; i < end; i += 16) {
+      const __mmask16 k = tail_mask(end - i);
+      const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(i)), lanes);
+      __m512 ma = round_float(scale_a(_mm512_maskz_loadu_ps(k, ap + i)), stochastic, draw_a, index);
+      __m512 mb = round_float(scale_b(_mm512_maskz_loadu_ps(k, bp + i)), stochastic, draw_b, index);
+      const __mmask16 over_a = _mm512_cmp_ps_mask(ma, limit, _CMP_GT_OQ) | _mm512_cmp_ps_mask(ma, negative_limit, _CMP_LT_OQ);
+      const __mmask16 over_b = _mm512_cmp_ps_mask(mb, limit, _CMP_GT_OQ) | _mm512_cmp_ps_mask(mb, negative_limit, _CMP_LT_OQ);
+      local += __builtin_popcount(static_cast<unsigned>(over_a & k)) + __builtin_popcount(static_cast<unsigned>(over_b & k));
+      ma = _mm512_min_ps(_mm512_max_ps(ma, negative_limit), limit);
+      mb = _mm512_min_ps(_mm512_max_ps(mb, negative_limit), limit);
+      const __m512 finer = round_float(onto_coarser(a_finer ? ma : mb), stochastic, draw_finer, index);
+      _mm512_mask_storeu_ps(out + i, k, back(_mm512_add_ps(finer, a_finer ? mb : ma)));
+    }
+    clamps += local;
+  }
+  auto flag = [](bool v) { return torch::scalar_tensor(v, torch::TensorOptions().dtype(torch::kBool)); };
+  return {sum, flag(top_a < 0x7F800000u), flag(top_b < 0x7F800000u),
+          torch::scalar_tensor(clamps, torch::TensorOptions().dtype(torch::kLong))};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("map_int8", &map_int8);
+  m.def("add_int8", &add_int8);
+}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import native_mapping
 from ..compiled import fused
 from ..fixed_point import count_true, from_fixed, qmax, rounded_mantissas, scale_by_pow2, shared_exponent
 from ..registry import FALLBACK, implements, is_float32
@@ -58,7 +59,11 @@ class IntegerAdd(torch.autograd.Function):
     def forward(ctx, a, b, context, layer):
         n = context.numerics
         keys = (context.key(), context.key(), context.key(), context.key())
-        y, finite_a, finite_b, clamped = _add(a.detach(), b.detach(), n.forward_bits, n.rounding, keys)
+        if native_mapping.serves_add(a, b, n.forward_bits):
+            y, finite_a, finite_b, clamped = native_mapping.add_int8(a.detach(), b.detach(), n.forward_bits, n.rounding,
+                                                                     keys)
+        else:
+            y, finite_a, finite_b, clamped = _add(a.detach(), b.detach(), n.forward_bits, n.rounding, keys)
         context.nonfinite.note(finite_a, context.where("add", "left operand", layer))
         context.nonfinite.note(finite_b, context.where("add", "right operand", layer))
         context.count("clamps", clamped)
