@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .rounding import as_key, stream_key
+from .rounding import stream_key
 
 # The top an all-zero tensor offers to the MAX: below every real one, so it never sets the shared
 # exponent (the contract's exponent 0 for zeros would flush the other ranks' values).
@@ -36,7 +36,7 @@ def agree_exponents(tensors: list[torch.Tensor], bits: int, group=None) -> tuple
     return torch.where(top == NO_VALUE, 0, top - (bits - 2)), tops[-1] == 0
 
 
-def rank_key(base_key, rank: int) -> torch.Tensor:
+def rank_key(base_key, rank: int) -> int:
     """The key of one rank's mapping: a hash of a stream's key (itself a hash of seed and
     counter) and the rank, so that ranks draw independent bits from one shared counter."""
-    return as_key(stream_key(int(base_key), rank))
+    return stream_key(int(base_key), rank)

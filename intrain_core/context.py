@@ -103,11 +103,11 @@ class IntegerContext:
         self.op_filter = None  # convert's op_filter: (op, layer stack, args) -> run in integers?
 
     # --- randomness and state ------------------------------------------------------------
-    def key(self) -> torch.Tensor:
+    def key(self) -> int:
         """The key of the next stochastic rounding. Under torch.distributed every rank draws its
         own bits from the shared counter: ranks map different data, and shared draws would
         correlate their rounding errors, which the gradient all-reduce adds up."""
-        key = self.stream.next_key()
+        key = self.stream.next_int_key()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             return rank_key(key, dist.get_rank())
         return key

@@ -185,12 +185,12 @@ def map_deferred(x: torch.Tensor, bits: int, rounding: str, key: int) -> tuple[F
     if _reads_down_columns(x):
         xt = x.detach().transpose(-1, -2)
         if native_mapping.serves(xt, bits):
-            m, exponent, clamped, finite = native_mapping.map_int8(xt, bits, rounding, as_key(key), transposed=True)
+            m, exponent, clamped, finite = native_mapping.map_int8(xt, bits, rounding, key, transposed=True)
         else:
             m, exponent, clamped, finite = map_transposed_kernel(xt.contiguous(), bits, rounding, as_key(key))
         return FixedPoint(m.transpose(-1, -2), exponent, bits, clamped), finite
     if native_mapping.serves(x, bits):
-        m, exponent, clamped, finite = native_mapping.map_int8(x.detach(), bits, rounding, as_key(key))
+        m, exponent, clamped, finite = native_mapping.map_int8(x.detach(), bits, rounding, key)
     else:
         m, exponent, clamped, finite = map_kernel(x.detach(), bits, rounding, as_key(key))
     return FixedPoint(m, exponent, bits, clamped), finite

@@ -56,7 +56,7 @@ def serves(x: torch.Tensor, bits: int) -> bool:
             and not torch.compiler.is_compiling() and module() is not None)
 
 
-def map_int8(x: torch.Tensor, bits: int, rounding: str, key: torch.Tensor, transposed: bool = False):
+def map_int8(x: torch.Tensor, bits: int, rounding: str, key, transposed: bool = False):
     """(mantissas, exponent, clamps, finite) as ``fixed_point.map_kernel`` returns them, the
     mantissas dense in ``x``'s shape. ``transposed``: as ``map_transposed_kernel`` of ``x``."""
     return _module.map_int8(x, bits, rounding == "stochastic", int(key), transposed)

@@ -177,9 +177,13 @@ class RoundingStream:
         self.seed, self.counter = int(seed), int(counter)
 
     def next_key(self) -> torch.Tensor:
+        return as_key(self.next_int_key())
+
+    def next_int_key(self) -> int:
+        """``next_key`` as a Python int: the C++ kernels take it so, without a tensor."""
         key = stream_key(self.seed, self.counter)
         self.counter += 1
-        return as_key(key)
+        return key
 
     def next_keys(self, count: int, device=None) -> torch.Tensor:
         """The next ``count`` keys at once, as an int64 tensor: what ``count`` calls of

@@ -7,7 +7,7 @@ from .. import native_mapping
 from ..compiled import fused
 from ..fixed_point import count_true, from_fixed, qmax, rounded_mantissas, scale_by_pow2, shared_exponent
 from ..registry import FALLBACK, implements, is_float32
-from ..rounding import round_float
+from ..rounding import as_key, round_float
 
 
 @fused
@@ -63,7 +63,8 @@ class IntegerAdd(torch.autograd.Function):
             y, finite_a, finite_b, clamped = native_mapping.add_int8(a.detach(), b.detach(), n.forward_bits, n.rounding,
                                                                      keys)
         else:
-            y, finite_a, finite_b, clamped = _add(a.detach(), b.detach(), n.forward_bits, n.rounding, keys)
+            y, finite_a, finite_b, clamped = _add(a.detach(), b.detach(), n.forward_bits, n.rounding,
+                                                  tuple(as_key(k) for k in keys))
         context.nonfinite.note(finite_a, context.where("add", "left operand", layer))
         context.nonfinite.note(finite_b, context.where("add", "right operand", layer))
         context.count("clamps", clamped)
