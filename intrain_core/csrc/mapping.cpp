@@ -36,42 +36,54 @@ inline __mmask16 tail_mask(int64_t remaining) {
   return remaining >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << remaining) - 1);
 }
 
-// Where x's rows (its last dimension, contiguous in memory) start: x may be a strided view
-// (attention's heads, a transposed key); the mapping reads it in place.
-struct Rows {
-  std::vector<int64_t> sizes, strides;  // of the dimensions before the last
-  int64_t length = 0, count = 1;
+// The pieces of x that the kernels walk: for a dense tensor, blocks of kBlock elements (one row
+// may be long); for a strided view (attention's heads, a transposed key), the rows of its last
+// dimension, contiguous in memory, read in place. Piece p's mantissas go to p * length.
+struct Pieces {
+  std::vector<int64_t> sizes, strides;  // of a view's dimensions before the last
+  int64_t numel, length, count = 1;
+  bool dense;
 
-  explicit Rows(const torch::Tensor& x) : length(x.size(-1)) {
+  Pieces(const torch::Tensor& x, bool transposed) : numel(x.numel()), dense(x.is_contiguous() && !transposed) {
+    if (dense) {
+      length = kBlock;
+      count = (numel + kBlock - 1) / kBlock;
+      return;
+    }
+    length = x.size(-1);
     for (int64_t d = 0; d + 1 < x.dim(); ++d) {
       sizes.push_back(x.size(d));
       strides.push_back(x.stride(d));
       count *= x.size(d);
     }
   }
-  int64_t offset(int64_t row) const {
+  int64_t size(int64_t piece) const { return dense ? std::min(length, numel - piece * length) : length; }
+  int64_t offset(int64_t piece) const {  // in x's memory
+    if (dense) return piece * length;
     int64_t at = 0;
     for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 0; --d) {
-      at += (row % sizes[d]) * strides[d];
-      row /= sizes[d];
+      at += (piece % sizes[d]) * strides[d];
+      piece /= sizes[d];
     }
     return at;
   }
+  int64_t per_block() const { return std::max<int64_t>(1, kBlock / std::max<int64_t>(length, 1)); }
 };
 
 // The largest |x| as float bits: non-negative floats order as their bit patterns, and a NaN or
 // infinity has bits at or above 0x7F800000, so one integer maximum also says "all finite".
-uint32_t largest_magnitude_bits(const float* x, const Rows& rows) {
+uint32_t largest_magnitude_bits(const float* x, const Pieces& pieces) {
   uint32_t best = 0;
-  const int64_t per_block = std::max<int64_t>(1, kBlock / std::max<int64_t>(rows.length, 1));
+  const int64_t per_block = pieces.per_block();
 #pragma omp parallel for reduction(max : best) schedule(static)
-  for (int64_t first = 0; first < rows.count; first += per_block) {
+  for (int64_t first = 0; first < pieces.count; first += per_block) {
     __m512i local = _mm512_setzero_si512();
     const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
-    for (int64_t row = first; row < std::min(rows.count, first + per_block); ++row) {
-      const float* in = x + rows.offset(row);
-      for (int64_t j = 0; j < rows.length; j += 16) {
-        const __m512i bits = _mm512_maskz_loadu_epi32(tail_mask(rows.length - j), in + j);
+    for (int64_t piece = first; piece < std::min(pieces.count, first + per_block); ++piece) {
+      const float* in = x + pieces.offset(piece);
+      const int64_t length = pieces.size(piece);
+      for (int64_t j = 0; j < length; j += 16) {
+        const __m512i bits = _mm512_maskz_loadu_epi32(tail_mask(length - j), in + j);
         local = _mm512_max_epu32(local, _mm512_and_si512(bits, magnitude));
       }
     }
@@ -145,14 +157,13 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> map_int8(
   TORCH_CHECK(bits >= 2 && bits <= 8 && x.numel() < (int64_t{1} << 31), "bits in [2, 8], fewer than 2**31 elements");
   TORCH_CHECK(!transposed || x.dim() >= 2, "a transposed tensor has two dimensions or more");
   const float* xp = x.data_ptr<float>();
-  const Rows rows(x);
+  const Pieces pieces(x, transposed);
   auto mantissas = torch::empty(x.sizes(), x.options().dtype(torch::kInt8));
   int8_t* out = mantissas.data_ptr<int8_t>();
-  // Row r's first element draws with index start(r); along the row the index grows by ``step``.
-  const int64_t length = rows.length, height = transposed ? x.size(-2) : 1;
-  const int64_t step = transposed ? height : 1;
+  // Piece p's first element draws with index start(p); along the piece the index grows by ``step``.
+  const int64_t height = transposed ? x.size(-2) : 1, step = transposed ? height : 1;
 
-  const uint32_t top_bits = largest_magnitude_bits(xp, rows);
+  const uint32_t top_bits = largest_magnitude_bits(xp, pieces);
   const bool finite = top_bits < 0x7F800000u;
   const int64_t exponent = shared_exponent(top_bits, bits);
   const Scale scale(-exponent);
@@ -163,15 +174,16 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> map_int8(
   const __m512i qmax = _mm512_set1_epi32(limit), qmin = _mm512_set1_epi32(-limit);
 
   int64_t clamps = 0;
-  const int64_t per_block = std::max<int64_t>(1, kBlock / std::max<int64_t>(length, 1));
+  const int64_t per_block = pieces.per_block();
 #pragma omp parallel for reduction(+ : clamps) schedule(static)
-  for (int64_t first = 0; first < rows.count; first += per_block) {
+  for (int64_t first = 0; first < pieces.count; first += per_block) {
     int64_t local = 0;
-    for (int64_t row = first; row < std::min(rows.count, first + per_block); ++row) {
-    const float* in = xp + rows.offset(row);
-    int8_t* mapped = out + row * length;
+    for (int64_t piece = first; piece < std::min(pieces.count, first + per_block); ++piece) {
+    const float* in = xp + pieces.offset(piece);
+    const int64_t length = pieces.size(piece), at = piece * pieces.length;
+    int8_t* mapped = out + at;
     // transposed: row (batch, i) of x is column i of the mapped tensor's matrix ``batch``
-    const int64_t start = transposed ? (row / height) * height * length + row % height : row * length;
+    const int64_t start = transposed ? (piece / height) * height * length + piece % height : at;
     for (int64_t j = 0; j < length; j += 16) {
       const __mmask16 k = tail_mask(length - j);
       const __m512 v = scale(_mm512_maskz_loadu_ps(k, in + j));
@@ -205,8 +217,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> add_int8(
   const int64_t n = a.numel();
   auto sum = torch::empty(a.sizes(), a.options());
   float* out = sum.data_ptr<float>();
-  const torch::Tensor flat = a.reshape({n});
-  const uint32_t top_a = largest_magnitude_bits(ap, Rows(flat)), top_b = largest_magnitude_bits(bp, Rows(flat));
+  const Pieces pieces(a, false);
+  const uint32_t top_a = largest_magnitude_bits(ap, pieces), top_b = largest_magnitude_bits(bp, pieces);
   const int64_t ea = shared_exponent(top_a, bits), eb = shared_exponent(top_b, bits);
   const int64_t exponent = std::max(ea, eb);
   const bool a_finer = ea < eb;
