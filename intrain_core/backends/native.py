@@ -93,10 +93,8 @@ def _float_operand(t: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> t
     copy again to fold the batch dimensions; a transposed matrix stays transposed."""
     if t.dim() > 2 and t.stride(-2) == 1 and t.stride(-1) != 1:
         return _float_operand(t.transpose(-1, -2), dtype, scale).transpose(-1, -2)
-    if scale == 1.0:
-        return t.to(dtype, memory_format=torch.contiguous_format)
-    # one pass, int8 read and float written: the cast and then a multiply in place took two
-    return torch.mul(t, scale, out=torch.empty(t.shape, dtype=dtype, device=t.device))
+    result = t.to(dtype, memory_format=torch.contiguous_format)
+    return result if scale == 1.0 else result.mul_(scale)
 
 
 def _int_mm_ok(a: torch.Tensor, b: torch.Tensor, product_bound: int, acc_dtype: torch.dtype) -> bool:
