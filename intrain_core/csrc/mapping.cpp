@@ -1,13 +1,15 @@
-// The fixed-point mapping of a dense float32 CPU tensor to int8 mantissas, in AVX-512 code.
+// The fixed-point mapping of a float32 CPU tensor to int8 mantissas, and the residual add's two
+// mappings, in AVX-512 code.
 //
-// It computes exactly the bits of fixed_point.map_kernel (the definition, and inductor's kernel
-// on other devices): the shared exponent from the largest magnitude, x * 2**-exponent in the same
-// two float32 multiplies, then stochastic rounding with the counter-based draws of rounding.py
-// (element i of key (high, low) draws mix32(mix32(i ^ low) ^ high) >> 8) or round half to even,
-// clamped to +-qmax. Written by hand because inductor's vector code for the draws took twice as
-// long: it builds each vector of element indices lane by lane and converts through masks and
-// floats, where this code adds a constant vector and compares integers (0.22 against 0.59 ms for
-// a 64x65x192 tensor on a 2-core Xeon, 2026-12-03).
+// They compute exactly the bits of fixed_point.map_kernel and ops/add.py's _add (the definitions,
+// and inductor's kernels on other devices): the shared exponent from the largest magnitude,
+// x * 2**-exponent in the same two float32 multiplies, then stochastic rounding with the
+// counter-based draws of rounding.py (element i of key (high, low) draws
+// mix32(mix32(i ^ low) ^ high) >> 8) or round half to even, clamped to +-qmax. Written by hand
+// because inductor's kernel took more than twice as long: 0.59 against 0.25 ms to map a
+// 64x65x192 tensor stochastically on a 2-core Xeon (2026-12-03), where nearest rounding took
+// 0.30 ms, so the draws were most of it. The same loop as plain C++ was not vectorised by g++ 12
+// here; hence the intrinsics.
 #include <torch/extension.h>
 
 #include <immintrin.h>
