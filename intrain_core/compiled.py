@@ -22,10 +22,11 @@ Tensors below ``MIN_COMPILED_NUMEL`` elements always run eagerly.
 Once a kernel's graphs are compiled, a call checks dynamo's guards of each graph itself and runs
 the first that admits it without going through torch.compile's per-call wrapper; a call that no
 graph admits goes through the wrapper, which compiles a graph for it. A graph that admitted one
-input layout (dtypes, devices, sizes, strides) under one global state (grad mode, thread count,
-...) is run for that layout again without checking: dynamo's guards read nothing else of a
-tensor, and with dynamic shapes they are evaluated partly in Python (18 us a check, 1,659
-checks in a ViT-tiny step, 2-core Xeon, 2026-12-03).
+input layout (dtypes, devices, sizes, strides, requires_grad) under one global state (dynamo's
+own record of grad mode, thread count, ...) is run for that layout again without its guards:
+with dynamic shapes they are evaluated partly in Python (18 us a check, 1,659 checks in a
+ViT-tiny step, 2-core Xeon, 2026-12-03), and what else they read of a tensor, its dispatch
+keys, is the same for every tensor the numerics pass.
 """
 from __future__ import annotations
 
@@ -170,7 +171,6 @@ class _Kernel:
                 self.admitted[layout] = (GlobalStateGuard(), function)
                 return _run_graph(function, data)
         return None
-
 
     def due(self, device: torch.device, in_cache) -> bool:
         """Compile now? ``in_cache()``: whether an earlier process compiled this kernel."""

@@ -53,10 +53,14 @@ class NonFiniteWatch:
         self._pending: dict[torch.device, list[torch.Tensor]] = {}
         self._first: dict[torch.device, torch.Tensor] = {}
 
+    @staticmethod
+    def reads_at_once(device: torch.device) -> bool:
+        return device.type == "cpu"
+
     def note(self, finite: torch.Tensor, where: str) -> None:
         self._count += 1
         device = finite.device
-        if device.type == "cpu":
+        if self.reads_at_once(device):
             if self._first_on_host is None and not bool(finite):
                 self._first_on_host = (self._count, where)
             return
@@ -87,7 +91,7 @@ class NonFiniteWatch:
         ``host_only``: read only flags in host memory, which costs no wait for an accelerator."""
         bad = [self._first_on_host] if self._first_on_host is not None else []
         self._first_on_host = None
-        for device in [] if host_only else list(self._pending):
+        for device in [d for d in self._pending if not host_only or self.reads_at_once(d)]:
             self._fold(device)
             position = int(self._first[device])
             if position >= 0:

@@ -105,6 +105,27 @@ def test_non_finite_activation_names_the_layer():
     assert context_of(model).counters["nonfinite"] == 1
 
 
+@pytest.mark.parametrize("on_host", [True, False])
+def test_the_first_non_finite_place_is_named_read_at_once_or_on_the_device(monkeypatch, on_host):
+    """Host flags are read as they come; an accelerator's stay on the device, reduced every
+    FOLD_EVERY and at the check (played here with CPU tensors): both name the first bad place
+    noted since the last check, and a check starts over."""
+    from intrain_core.context import NonFiniteWatch
+
+    monkeypatch.setattr(NonFiniteWatch, "reads_at_once", staticmethod(lambda device: on_host))
+    watch = NonFiniteWatch()
+    flags = [True] * 70 + [False] + [True] * 5 + [False]  # the first bad one after a reduction
+    for i, finite in enumerate(flags):
+        watch.note(torch.tensor(finite), f"place {i}")
+    try:
+        watch.check()
+        raise AssertionError("a non-finite flag must raise")
+    except NonFiniteError as err:
+        assert "place 70" in str(err)
+    watch.note(torch.tensor(True), "after")
+    watch.check()  # started over: nothing bad since
+
+
 def test_float_families_are_reported_when_left_out():
     model, x = make("resnet18")
     numerics = Numerics.from_dict({**Numerics.preset("int8").to_dict(), "integer_ops": ["linear", "conv"]})

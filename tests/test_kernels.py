@@ -257,6 +257,41 @@ def test_compiled_graphs_run_without_dynamo_while_their_guards_hold(monkeypatch)
     assert same_bits(third, fourth) and same_bits(third, map_kernel.eager(flat, 8, "stochastic", key))
 
 
+def test_a_graph_runs_again_for_its_input_layout_without_its_guards(monkeypatch):
+    """A layout that a graph admitted runs that graph again without a guard check; another
+    layout, or the same one under another global state (grad mode), is checked again."""
+    from intrain_core import compiled
+    from intrain_core.fixed_point import from_fixed_kernel
+
+    options = ((True, None), (True, None), (False, None))
+    monkeypatch.setitem(from_fixed_kernel.kernels, options, compiled._Kernel())
+    acc = torch.randint(-2**20, 2**20, (70, 300), dtype=torch.int32)
+    exponent = torch.tensor(-9)
+    with compilation(True):
+        for _ in range(2):  # a compilation for each layout, then the graph that admits it
+            from_fixed_kernel(acc, exponent, None)
+            from_fixed_kernel(acc.t(), exponent, None)
+        entry, checks = from_fixed_kernel.kernels[options], []
+
+        class Counted:
+            def __init__(self, guards):
+                self.guards = guards
+
+            def check(self, frame_locals):
+                checks.append(1)
+                return self.guards.check(frame_locals)
+
+        entry.direct = [(Counted(guards), function) for guards, function in entry.direct]
+        again = [from_fixed_kernel(t, exponent, None) for t in (acc, acc.t(), acc)]
+        assert not checks
+        with torch.no_grad():
+            under_no_grad = from_fixed_kernel(acc, exponent, None)
+        assert checks
+    expected = from_fixed_kernel.eager(acc, exponent, None)
+    assert same_bits(again[0], expected) and same_bits(again[2], expected) and same_bits(under_no_grad, expected)
+    assert same_bits(again[1], from_fixed_kernel.eager(acc.t(), exponent, None))
+
+
 def test_random_bits_depend_on_key_and_index_only():
     key = stream_key(11, 5)
     r = random_bits((1000,), key, "cpu")
