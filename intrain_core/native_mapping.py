@@ -48,12 +48,17 @@ def module():
     return _module
 
 
-def serves(x: torch.Tensor, bits: int) -> bool:
-    """The C++ mapping handles ``x``: float32 on the CPU, its last dimension contiguous (any
-    strides before it), int8 mantissas; outside torch.compile, whose graphs keep the torch kernel."""
-    return (bits <= 8 and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() >= 1
-            and (x.stride(-1) == 1 or x.shape[-1] == 1) and x.numel() < 2**31
+def _takes(t: torch.Tensor) -> bool:
+    """A float32 CPU tensor whose element indices fit the kernels' 32-bit lanes, outside
+    torch.compile (whose graphs keep the torch kernels), with the extension at hand."""
+    return (t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() >= 1 and t.numel() < 2**31
             and not torch.compiler.is_compiling() and module() is not None)
+
+
+def serves(x: torch.Tensor, bits: int) -> bool:
+    """The C++ mapping handles ``x`` to int8 mantissas: its last dimension contiguous (any
+    strides before it)."""
+    return bits <= 8 and _takes(x) and (x.stride(-1) == 1 or x.shape[-1] == 1)
 
 
 def map_int8(x: torch.Tensor, bits: int, rounding: str, key, transposed: bool = False):
@@ -63,10 +68,8 @@ def map_int8(x: torch.Tensor, bits: int, rounding: str, key, transposed: bool = 
 
 
 def serves_add(a: torch.Tensor, b: torch.Tensor, bits: int) -> bool:
-    """The C++ residual add handles ``a + b``: dense float32 CPU tensors of one shape."""
-    return (bits <= 16 and a.shape == b.shape and a.dim() >= 1 and all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in (a, b))
-            and a.numel() < 2**31 and not torch.compiler.is_compiling() and module() is not None)
+    """The C++ residual add handles ``a + b``: dense tensors of one shape."""
+    return bits <= 16 and a.shape == b.shape and a.is_contiguous() and b.is_contiguous() and _takes(a) and _takes(b)
 
 
 def add_int8(a: torch.Tensor, b: torch.Tensor, bits: int, rounding: str, keys):

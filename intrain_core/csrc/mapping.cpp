@@ -13,7 +13,6 @@
 #include <torch/extension.h>
 
 #include <immintrin.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
